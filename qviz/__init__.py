@@ -1,0 +1,25 @@
+"""qviz: an interactive visual debugger for PyTorch quantization."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from qviz.errors import (  # noqa: E402
+    ConfigError,
+    InputDataError,
+    ModelError,
+    QvizError,
+    SessionFileError,
+)
+from qviz.session import Session, load  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "InputDataError",
+    "ModelError",
+    "QvizError",
+    "Session",
+    "SessionFileError",
+    "__version__",
+    "load",
+]

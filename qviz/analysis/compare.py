@@ -1,0 +1,203 @@
+"""Per-layer float-vs-quantized comparison on evaluation batches, plus model-level figures.
+
+``reference`` is the float model fused like the quantized one, with the same module names (see
+:mod:`qviz.flows.base`). For each layer:
+
+- ``output_sqnr``: quantized model's output at the layer vs the reference's output at the layer,
+  both fed the same batch (error accumulated from upstream included);
+- ``local_sqnr``: the layer's quantized output vs the reference layer fed the quantized model's
+  (dequantized) input to that layer: this layer's own error, as PyTorch's shadow loggers measure;
+- ``weight_sqnr``: the reference weight (BN folded) vs the dequantized quantized weight.
+
+Only sums are kept across batches; per batch the reference outputs of all layers are held once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from qviz.analysis.metrics import ErrorAccumulator, sqnr
+from qviz.flows.base import as_args, is_quant_point
+
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+
+
+def _first_tensor(value):
+    """The tensor a layer produced (LSTM: the output sequence, not the hidden state)."""
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
+def _float(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.dequantize() if t.is_quantized else t.float()
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(_QUANTIZED_PACKAGES)
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return hasattr(module, "weight") or hasattr(module, "get_weight")
+
+
+def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
+    """(quantized layers with weights, weighted layers left float), by module name.
+
+    A layer is left float when it still has float weights in the quantized model (a type the
+    backend cannot quantize, or a qconfig of None).
+    """
+    ref_names = dict(reference.named_modules())
+    quantized_layers, left_float = [], []
+    for name, module in quantized.named_modules():
+        if not name or name not in ref_names or is_quant_point(module):
+            continue
+        if is_quantized_module(module):
+            if _has_weight(module):
+                quantized_layers.append(name)
+        elif any(p.is_floating_point() for p in module.parameters(recurse=False)):
+            left_float.append(name)
+    return quantized_layers, left_float
+
+
+def float_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights the quantized layer was made from: BN folded for QAT conv-bn, fused seq unwrapped."""
+    if isinstance(module, nn.Sequential) and len(module) and hasattr(module[0], "weight"):
+        module = module[0]  # a fused float module (ConvReLU2d, LinearReLU, ...)
+    if isinstance(module, nn.LSTM) or hasattr(module, "weight_ih_l0"):
+        return {n: p.detach() for n, p in module.named_parameters() if n.startswith("weight")}
+    weight = module.weight.detach()
+    bn = getattr(module, "bn", None)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):  # QAT ConvBn*: fold as convert will
+        weight, _ = fuse_conv_bn_weights(
+            weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        weight = weight.detach()
+    return {"weight": weight}
+
+
+def quantized_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized layer's weights as stored (quantized tensors, or float16 kept as float)."""
+    if hasattr(module, "get_weight"):  # dynamic LSTM
+        return dict(module.get_weight())
+    weight = module.weight() if callable(module.weight) else module.weight
+    return {"weight": weight}
+
+
+def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
+    """weight_sqnr plus the weight qparams (arrays when per-channel) of one layer."""
+    qws, fws = quantized_weights(qmodule), float_weights(fmodule)
+    common = [k for k in qws if k in fws]
+    if not common:
+        return {"weight_sqnr": math.nan}
+    x = torch.cat([fws[k].reshape(-1) for k in common])
+    y = torch.cat([_float(qws[k]).reshape(-1) for k in common])
+    qw = qws[common[0]]
+    rec = {"weight_sqnr": sqnr(x, y), "weight_dtype": str(qw.dtype).replace("torch.", "")}
+    if qw.is_quantized:
+        scheme = qw.qscheme()
+        rec["weight_qscheme"] = str(scheme).replace("torch.", "")
+        if scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
+            rec["weight_scale"] = qw.q_per_channel_scales().double().numpy()
+            rec["weight_zero_point"] = qw.q_per_channel_zero_points().double().numpy()
+        else:
+            rec["weight_scale"] = np.array([qw.q_scale()], dtype=np.float64)
+            rec["weight_zero_point"] = np.array([qw.q_zero_point()], dtype=np.float64)
+    else:
+        rec["weight_qscheme"] = "none"
+    rec["float_weight"] = x
+    return rec
+
+
+def _register(model: nn.Module, names: list[str], hook) -> list:
+    return [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+
+
+def compare_models(
+    reference: nn.Module, quantized: nn.Module, layers: list[str], batches: Iterable, call=None
+) -> tuple[dict[str, dict], dict, list[str]]:
+    """Per-layer errors, model-level errors and the layers in execution order.
+
+    ``call(model, args, index)`` runs a model on a batch (default ``model(*args)``); the session
+    passes one that turns failures into a clear error about the data.
+    """
+    call = call or (lambda model, args, index: model(*args))
+    out_acc = {n: ErrorAccumulator() for n in layers}
+    local_acc = {n: ErrorAccumulator() for n in layers}
+    model_acc, agree, total = ErrorAccumulator(), 0, 0
+    order: list[str] = []
+    ref_out: dict[str, torch.Tensor] = {}
+    shadowing = [False]  # the reference layers' own hooks must ignore the shadow calls
+
+    def record_reference(name):
+        def hook(module, args, output):
+            if shadowing[0]:
+                return
+            ref_out[name] = _float(_first_tensor(output)).detach()
+            if name not in order:
+                order.append(name)
+        return hook
+
+    def record_quantized(name):
+        ref_module = reference.get_submodule(name)
+
+        def hook(module, args, output):
+            y = _float(_first_tensor(output))
+            if name in ref_out:
+                out_acc[name].add(ref_out[name], y)
+            shadowing[0] = True
+            try:
+                shadow = ref_module(*(_float(a) for a in args))
+            finally:
+                shadowing[0] = False
+            local_acc[name].add(_float(_first_tensor(shadow)), y)
+        return hook
+
+    handles = []
+    try:
+        handles += _register(reference, layers, record_reference)
+        handles += _register(quantized, layers, record_quantized)
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                ref_out.clear()
+                args = as_args(batch)
+                x = _float(_first_tensor(call(reference, args, i)))
+                y = _float(_first_tensor(call(quantized, args, i)))
+                model_acc.add(x, y)
+                if x.dim() == 2 and x.shape[1] > 1:
+                    agree += int((x.argmax(1) == y.argmax(1)).sum())
+                    total += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = {}
+    for n in layers:
+        o, loc = out_acc[n].result(), local_acc[n].result()
+        per_layer[n] = {
+            "output_sqnr": o["sqnr"], "mse": o["mse"], "cosine": o["cosine"],
+            "max_abs_err": o["max_abs_err"], "local_sqnr": loc["sqnr"],
+        }
+    model = model_acc.result()
+    summary = {
+        "output_sqnr": model["sqnr"],
+        "output_mse": model["mse"],
+        "top1_agreement": agree / total if total else math.nan,
+    }
+    order += [n for n in layers if n not in order]
+    return per_layer, summary, order
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()

@@ -1,0 +1,115 @@
+"""Probes: forward pre-hooks on every quantization point that record what it sees.
+
+A probe sees exactly the tensor its observer or fake-quant sees and feeds it to an
+:class:`~qviz.capture.stats.ActivationStats` (fixed memory per point). NaN/Inf values are
+counted and replaced by 0 (NaN) or the largest finite value of that tensor (+-Inf) before the
+observer runs, so one bad batch cannot poison the qparams and the run completes; the counts
+appear in the ``nonfinite`` column. Hooks are removed in ``finally``, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from qviz.capture.stats import ActivationStats
+from qviz.flows.base import QuantPoint, is_fake_quant
+
+
+@dataclass
+class PointRecord:
+    """What one quantization point saw and ended with; plain data once :func:`describe` ran."""
+
+    name: str
+    layer: str
+    role: str
+    stats: ActivationStats
+    info: dict = field(default_factory=dict)  # observer, dtype, qscheme, quant_min/max, flags
+    arrays: dict = field(default_factory=dict)  # scale, zero_point, min_val, max_val (numpy)
+
+    @property
+    def per_channel(self) -> bool:
+        return np.asarray(self.arrays.get("scale", np.zeros(1))).size > 1
+
+
+def _sanitize(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x with NaN -> 0 and +-Inf -> its largest finite magnitude, count of those values)."""
+    if not x.is_floating_point():
+        return x, 0
+    finite = torch.isfinite(x)
+    bad = int(x.numel() - finite.sum())
+    if bad == 0:
+        return x, 0
+    big = x[finite].abs().max() if finite.any() else torch.zeros((), dtype=x.dtype)
+    return torch.nan_to_num(x, nan=0.0, posinf=float(big), neginf=-float(big)), bad
+
+
+@contextlib.contextmanager
+def probing(points: list[QuantPoint], bins: int = 2048):
+    """Attach a recording probe to every point for the duration of the ``with`` block."""
+    records = {p.name: PointRecord(p.name, p.layer, p.role, ActivationStats(bins=bins)) for p in points}
+    handles = []
+
+    def make_hook(record: PointRecord):
+        def hook(module, args):
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                return None
+            clean, bad = _sanitize(x.detach())
+            record.stats.update(x.detach())
+            if bad:
+                return (clean, *args[1:])
+            return None
+
+        return hook
+
+    try:
+        for p in points:
+            handles.append(p.module.register_forward_pre_hook(make_hook(records[p.name])))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().double().cpu().numpy().reshape(-1) if isinstance(value, torch.Tensor) else np.asarray([value], dtype=np.float64)
+
+
+def describe(record: PointRecord, module: nn.Module) -> PointRecord:
+    """Fill ``record.info`` / ``record.arrays`` from the point's final state (duck typed)."""
+    observer = getattr(module, "activation_post_process", module)
+    kind = type(module).__name__
+    if observer is not module:
+        kind = f"{kind}({type(observer).__name__})"
+    info = {
+        "observer": kind,
+        "dtype": str(getattr(module, "dtype", getattr(observer, "dtype", ""))).replace("torch.", ""),
+        "qscheme": str(getattr(module, "qscheme", getattr(observer, "qscheme", ""))).replace("torch.", ""),
+        "quant_min": int(getattr(module, "quant_min", getattr(observer, "quant_min", 0)) or 0),
+        "quant_max": int(getattr(module, "quant_max", getattr(observer, "quant_max", 255)) or 0),
+        "saw_data": record.stats.saw_data,
+    }
+    if is_fake_quant(module):
+        info["fake_quant_enabled"] = bool(module.fake_quant_enabled[0])
+        info["observer_enabled"] = bool(module.observer_enabled[0])
+    arrays = {}
+    for attr in ("min_val", "max_val"):
+        value = getattr(observer, attr, None)
+        if isinstance(value, torch.Tensor) and value.numel():
+            arrays[attr] = _numpy(value)
+    if record.stats.saw_data or is_fake_quant(module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                scale, zero_point = module.calculate_qparams()
+                arrays["scale"], arrays["zero_point"] = _numpy(scale), _numpy(zero_point)
+            except Exception:  # noqa: BLE001 - an observer with odd state must not stop the run
+                pass
+    record.info, record.arrays = info, arrays
+    return record

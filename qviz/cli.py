@@ -1,0 +1,69 @@
+"""The ``qviz`` command line: ``qviz demo`` prints the per-layer table of the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from qviz.errors import QvizError
+
+_COLUMNS = ["type", "dtype", "observer", "weight_sqnr", "local_sqnr", "output_sqnr", "clip_frac", "scale", "zero_point"]
+
+
+def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True):
+    """The embedded demo model through ``flow``, run and compared (a few seconds)."""
+    from qviz.demo import demo_session_inputs
+    from qviz.session import Session
+
+    model, calib, evals = demo_session_inputs()
+    return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress).run()
+
+
+def format_table(session) -> str:
+    frame = session.to_dataframe()[_COLUMNS]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+        text = frame.to_string()
+    summary = session.summary()
+    lines = [
+        text,
+        "",
+        f"model output SQNR {summary['output_sqnr']:.2f} dB, top-1 agreement "
+        f"{summary['top1_agreement']:.1%}, size {summary['size_bytes'] / 1024:.1f} KiB "
+        f"(float {summary['float_size_bytes'] / 1024:.1f} KiB)",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_demo(args) -> int:
+    session = demo_session(args.flow, args.backend)
+    print(format_table(session))
+    if args.save:
+        session.save(args.save)
+        print(f"saved {args.save}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="quantize the embedded demo model and print the per-layer table")
+    demo.add_argument("--flow", default="fx", choices=["fx", "eager", "dynamic"])
+    demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
+    demo.add_argument("--save", metavar="PATH", help="also save the session file there")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QvizError as exc:
+        print(f"qviz: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Eager-mode static quantization: QuantStub/DeQuantStub models, fuse_modules, prepare, convert.
+
+Also takes models the user already prepared with ``prepare`` or ``prepare_qat`` (they carry
+observers or fake-quants): those are converted as they are, after calibration through a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+
+from qviz.errors import ConfigError, ModelError
+from qviz.flows.base import (
+    QuantPoint,
+    check_backend,
+    is_quant_point,
+    neutral_reference,
+    parent_layer,
+    role_of_attribute,
+)
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """True when the model already carries observers or fake-quants (prepare / prepare_qat)."""
+    return any(is_quant_point(m) for m in model.modules())
+
+
+def detect_fusion_groups(model: nn.Module) -> list[list[str]]:
+    """conv-bn(-relu), conv-relu, linear-relu and linear-bn chains, found by an FX trace.
+
+    A module joins a chain only when it is the sole user of the previous module's output, so
+    fusing never changes what the model computes. Returns [] when FX cannot trace the model.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure just means "no automatic fusion"
+        warnings.warn(
+            "qviz could not trace the model to find fusion groups, so none were fused; pass "
+            "fuse=[['conv', 'bn', 'relu'], ...] to Session to fuse them yourself",
+            stacklevel=3,
+        )
+        return []
+    modules = dict(model.named_modules())
+
+    def module_of(node):
+        return modules.get(node.target) if node.op == "call_module" else None
+
+    def sole_module_user(node, types):
+        users = list(node.users)
+        if len(users) == 1 and isinstance(module_of(users[0]), types):
+            return users[0]
+        return None
+
+    groups = []
+    for node in graph.nodes:
+        first = module_of(node)
+        if not isinstance(first, (*_CONV, nn.Linear)):
+            continue
+        chain = [node]
+        bn = sole_module_user(node, _BN)
+        if bn is not None:
+            chain.append(bn)
+        relu = sole_module_user(chain[-1], nn.ReLU)
+        if relu is not None:
+            chain.append(relu)
+        if len(chain) > 1:
+            groups.append([n.target for n in chain])
+    return groups
+
+
+class EagerFlow:
+    """Static PTQ in eager mode, or conversion of a model the user prepared (QAT included)."""
+
+    name = "eager"
+    needs_calibration = True
+
+    def __init__(self, backend: str = "x86", qconfig=None, fuse="auto"):
+        self.backend = check_backend(backend)
+        self.qconfig = qconfig if qconfig is not None else tq.get_default_qconfig(backend)
+        if fuse != "auto" and not (
+            isinstance(fuse, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in fuse)
+        ):
+            raise ConfigError(
+                f"fuse must be 'auto' or a list of module-name lists such as "
+                f"[['conv1', 'bn1', 'relu1']], got {fuse!r}"
+            )
+        self.fuse = fuse
+
+    def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
+        if is_prepared(model):
+            return copy.deepcopy(model).eval()
+        if not any(isinstance(m, tq.QuantStub) for m in model.modules()):
+            raise ModelError(
+                f"{type(model).__name__} has no QuantStub, which eager mode needs to know where "
+                "quantized computation starts: add QuantStub/DeQuantStub to the model, wrap it "
+                "as torch.ao.quantization.QuantWrapper(model), or use flow='fx'"
+            )
+        observed = copy.deepcopy(model).eval()
+        groups = detect_fusion_groups(observed) if self.fuse == "auto" else self.fuse
+        if groups:
+            try:
+                tq.fuse_modules(observed, [list(g) for g in groups], inplace=True)
+            except (AssertionError, AttributeError, KeyError) as exc:
+                raise ConfigError(
+                    f"could not fuse {groups}: {exc}. Each group must name existing modules in "
+                    "an order fuse_modules supports (conv-bn, conv-bn-relu, conv-relu, linear-relu)"
+                ) from exc
+        observed.qconfig = self.qconfig
+        tq.prepare(observed, inplace=True)
+        return observed
+
+    def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
+        points = []
+        for name, module in observed.named_modules():
+            if is_quant_point(module) and not is_quant_point_child(observed, name):
+                layer, attr = parent_layer(name)
+                points.append(QuantPoint(name, module, layer, role_of_attribute(attr) or "output"))
+        return points
+
+    def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
+        return neutral_reference(observed, points)
+
+    def convert(self, observed: nn.Module) -> nn.Module:
+        return tq.convert(copy.deepcopy(observed).eval(), inplace=False)
+
+
+def is_quant_point_child(model: nn.Module, name: str) -> bool:
+    """The observer inside a fake-quant is part of that fake-quant, not a point of its own."""
+    parent, _ = parent_layer(name)
+    return bool(parent) and is_quant_point(model.get_submodule(parent))

@@ -1,0 +1,181 @@
+"""Results: everything a session found, as plain data, and its round trip through a file.
+
+The table (one row per layer), the model-level summary, and one :class:`PointRecord` per
+quantization point (statistics with histogram, final qparams). No torch modules: results
+outlive the models and load from a session file alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+from qviz.capture.probes import PointRecord
+from qviz.capture.stats import ActivationStats
+from qviz.errors import QvizError, SessionFileError
+from qviz.io.session_file import read_session_file, write_session_file
+
+_PER_TENSOR = ("per_tensor_affine", "per_tensor_symmetric")
+
+
+def _scalar(values) -> float:
+    """A per-tensor value as a float; NaN when absent or per-channel."""
+    arr = np.asarray(values if values is not None else [], dtype=np.float64).reshape(-1)
+    return float(arr[0]) if arr.size == 1 else math.nan
+
+
+def clip_fraction(record: PointRecord) -> float:
+    """Share of the values seen that fall outside the final per-tensor quantization range."""
+    scale, zp = _scalar(record.arrays.get("scale")), _scalar(record.arrays.get("zero_point"))
+    info = record.info
+    if info.get("qscheme") not in _PER_TENSOR or not math.isfinite(scale) or not record.stats.saw_data:
+        return math.nan
+    return record.stats.clip_fraction(scale, int(zp), info["quant_min"], info["quant_max"])
+
+
+def weight_point(layer: str, rec: dict) -> PointRecord:
+    """A converted layer's weight as a point: float weight histogram, the qparams it got."""
+    stats = ActivationStats()
+    stats.update(rec["float_weight"])
+    info = {
+        "observer": "converted weight",
+        "dtype": rec.get("weight_dtype", ""),
+        "qscheme": rec.get("weight_qscheme", ""),
+        "saw_data": True,
+    }
+    if info["dtype"] == "qint8":
+        info["quant_min"], info["quant_max"] = -128, 127
+    arrays = {k: rec[f"weight_{k}"] for k in ("scale", "zero_point") if f"weight_{k}" in rec}
+    return PointRecord(f"{layer}.weight", layer, "weight", stats, info, arrays)
+
+
+@dataclass
+class Results:
+    meta: dict
+    summary: dict
+    table: pd.DataFrame
+    records: dict[str, PointRecord]
+
+    @classmethod
+    def build(cls, *, meta, records, per_layer, weights, order, left_float, summary, types) -> Results:
+        records = dict(records)
+        for layer, rec in weights.items():
+            if "float_weight" in rec:
+                wp = weight_point(layer, rec)
+                records[wp.name] = wp
+        rows = []
+        for depth, name in enumerate(order):
+            rows.append(_row(name, depth, types[name], name not in left_float,
+                             per_layer[name], weights.get(name, {}), records))
+        table = pd.DataFrame(rows).set_index("layer")
+        return cls(meta=meta, summary=summary, table=table, records=records)
+
+    # -- reading -------------------------------------------------------------------------------
+    def record(self, point: str) -> PointRecord:
+        if point not in self.records:
+            raise QvizError(f"no quantization point named {point!r}; see session.points() for the names")
+        return self.records[point]
+
+    def points_frame(self) -> pd.DataFrame:
+        rows = []
+        for r in self.records.values():
+            st = r.stats
+            rows.append({
+                "point": r.name, "layer": r.layer, "role": r.role,
+                "observer": r.info.get("observer", ""), "dtype": r.info.get("dtype", ""),
+                "qscheme": r.info.get("qscheme", ""),
+                "scale": _scalar(r.arrays.get("scale")), "zero_point": _scalar(r.arrays.get("zero_point")),
+                "per_channel": r.per_channel, "min": st.min, "max": st.max,
+                "calls": st.calls, "count": st.count, "nonfinite": st.nonfinite,
+                "saw_data": st.saw_data, "clip_frac": clip_fraction(r),
+                "fake_quant_enabled": r.info.get("fake_quant_enabled"),
+                "observer_enabled": r.info.get("observer_enabled"),
+            })
+        return pd.DataFrame(rows).set_index("point")
+
+    # -- the file ------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        arrays, points = {}, []
+        for i, r in enumerate(self.records.values()):
+            points.append({"name": r.name, "layer": r.layer, "role": r.role, "info": r.info})
+            for k, v in r.stats.to_arrays().items():
+                arrays[f"points/{i}/stats/{k}"] = v
+            for k, v in r.arrays.items():
+                arrays[f"points/{i}/{k}"] = np.asarray(v)
+        table = self.table
+        manifest = {
+            "meta": self.meta, "summary": self.summary, "points": points,
+            "table": {
+                "index": [str(i) for i in table.index],
+                "columns": list(table.columns),
+                "dtypes": [str(t) for t in table.dtypes],
+                "data": {c: [_json_value(v) for v in table[c]] for c in table.columns},
+            },
+        }
+        write_session_file(path, manifest, arrays)
+
+    @classmethod
+    def load(cls, path) -> Results:
+        manifest, arrays = read_session_file(path)
+        try:
+            t = manifest["table"]
+            table = pd.DataFrame({c: pd.Series(t["data"][c], dtype=d) for c, d in zip(t["columns"], t["dtypes"])})
+            table.index = pd.Index(t["index"], name="layer")
+            records = {}
+            for i, p in enumerate(manifest["points"]):
+                prefix = f"points/{i}/"
+                stats = ActivationStats.from_arrays(
+                    {k[len(prefix) + 6:]: v for k, v in arrays.items() if k.startswith(prefix + "stats/")})
+                own = {k[len(prefix):]: v for k, v in arrays.items()
+                       if k.startswith(prefix) and not k.startswith(prefix + "stats/")}
+                records[p["name"]] = PointRecord(p["name"], p["layer"], p["role"], stats, p["info"], own)
+            return cls(meta=manifest["meta"], summary=manifest["summary"], table=table, records=records)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SessionFileError(
+                f"{path} is a qviz session file but its content is inconsistent ({type(exc).__name__}: "
+                f"{exc}); it was damaged or written by another tool: re-create it with session.save()"
+            ) from exc
+
+
+def _json_value(v):
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
+
+
+def _row(name, depth, type_name, quantized, errors, weight, records) -> dict:
+    """One layer's row: errors, weight quantization, and its output activation point."""
+    point = next((r for r in records.values() if r.layer == name and r.role in ("output", "dynamic")), None)
+    row = {"layer": name, "depth": depth, "type": type_name, "quantized": quantized}
+    info = point.info if point is not None else {}
+    if not quantized:
+        dtype, observer = "float", ""
+    elif point is not None and point.role == "dynamic":
+        dtype, observer = f"{weight.get('weight_dtype', '')} (dynamic)", "dynamic"
+    else:
+        dtype, observer = info.get("dtype", ""), info.get("observer", "")
+    stats = point.stats if point is not None else None
+    row.update({
+        "dtype": dtype,
+        "qscheme": info.get("qscheme", ""),
+        "observer": observer,
+        "scale": _scalar(point.arrays.get("scale")) if point else math.nan,
+        "zero_point": _scalar(point.arrays.get("zero_point")) if point else math.nan,
+        "min": stats.min if stats else math.nan,
+        "max": stats.max if stats else math.nan,
+        "clip_frac": clip_fraction(point) if point else math.nan,
+        "nonfinite": stats.nonfinite if stats else 0,
+        "saw_data": stats.saw_data if stats else False,
+        "weight_dtype": weight.get("weight_dtype", "float"),
+        "weight_qscheme": weight.get("weight_qscheme", ""),
+        "weight_sqnr": weight.get("weight_sqnr", math.nan),
+    })
+    row.update(errors)
+    return row
+
+
+
