@@ -122,6 +122,8 @@ class Session:
             )
             weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
             summary["size_bytes"] = serialized_size(quantized)
+            summary["nonfinite"] = sum(r.stats.nonfinite for r in records.values())
+            summary["left_float"] = left_float
             summary["float_size_bytes"] = serialized_size(self._model)
         self.results = Results.build(
             meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__, "qviz": __version__},

@@ -71,7 +71,8 @@ def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], 
 
 def float_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """Weights the quantized layer was made from: BN folded for QAT conv-bn, fused seq unwrapped."""
-    if isinstance(module, nn.Sequential) and len(module) and hasattr(module[0], "weight"):
+    own_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
+    if not own_weight and isinstance(module, nn.Sequential) and len(module):
         module = module[0]  # a fused float module (ConvReLU2d, LinearReLU, ...)
     if isinstance(module, nn.LSTM) or hasattr(module, "weight_ih_l0"):
         return {n: p.detach() for n, p in module.named_parameters() if n.startswith("weight")}
@@ -102,7 +103,10 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     x = torch.cat([fws[k].reshape(-1) for k in common])
     y = torch.cat([_float(qws[k]).reshape(-1) for k in common])
     qw = qws[common[0]]
-    rec = {"weight_sqnr": sqnr(x, y), "weight_dtype": str(qw.dtype).replace("torch.", "")}
+    # fp16 dynamic layers hand their weights back as float32: ask the module what it stores
+    packed = getattr(qmodule, "_packed_params", None)
+    dtype = getattr(qmodule, "dtype", None) or getattr(packed, "dtype", None) or qw.dtype
+    rec = {"weight_sqnr": sqnr(x, y), "weight_dtype": str(dtype).replace("torch.", "")}
     if qw.is_quantized:
         scheme = qw.qscheme()
         rec["weight_qscheme"] = str(scheme).replace("torch.", "")

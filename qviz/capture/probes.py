@@ -50,9 +50,9 @@ def _sanitize(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @contextlib.contextmanager
-def probing(points: list[QuantPoint], bins: int = 2048):
+def probing(points: list[QuantPoint]):
     """Attach a recording probe to every point for the duration of the ``with`` block."""
-    records = {p.name: PointRecord(p.name, p.layer, p.role, ActivationStats(bins=bins)) for p in points}
+    records = {p.name: PointRecord(p.name, p.layer, p.role, ActivationStats()) for p in points}
     handles = []
 
     def make_hook(record: PointRecord):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-
 from qviz.capture.probes import PointRecord
 from qviz.capture.stats import ActivationStats
 from qviz.errors import QvizError, SessionFileError
@@ -123,7 +122,7 @@ class Results:
         manifest, arrays = read_session_file(path)
         try:
             t = manifest["table"]
-            table = pd.DataFrame({c: pd.Series(t["data"][c], dtype=d) for c, d in zip(t["columns"], t["dtypes"])})
+            table = pd.DataFrame({c: pd.Series(t["data"][c], dtype=d) for c, d in zip(t["columns"], t["dtypes"], strict=True)})
             table.index = pd.Index(t["index"], name="layer")
             records = {}
             for i, p in enumerate(manifest["points"]):
