@@ -8,22 +8,36 @@ records with numpy arrays), so a session saves to a file and loads without the m
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from qviz import __version__
-from qviz.analysis.compare import compare_models, find_layers, serialized_size, weight_record
+from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import make_flow, quantized_engine
 from qviz.flows.base import as_args
+from qviz.flows.eager import detect_fusion_groups
 from qviz.io.results import Results
+from qviz.plan import Plan, default_layer_config, to_qconfig
 from qviz.progress import progress_bar
 from qviz.torch_warnings import quiet_torch
+from qviz.whatif import (
+    FloatLayer,
+    activation_qparams,
+    build_layer,
+    feeds_only_dequantize,
+    fix_qparams,
+    plan_qconfig_mapping,
+    same_activation,
+)
 
 
 def _batches(data, what: str) -> list[tuple]:
@@ -85,6 +99,7 @@ class Session:
         fuse="auto",
         dynamic_dtype: str = "int8",
         progress: bool = True,
+        cache_bytes: int = 512 * 2**20,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -96,14 +111,22 @@ class Session:
         self._calib = _batches(calib_data, "calib_data")
         self._eval = _batches(eval_data, "eval_data") if eval_data is not None else self._calib[:1]
         self._example = as_args(example_inputs) if example_inputs is not None else self._calib[0]
+        if plan is not None and not isinstance(plan, Plan):
+            raise ConfigError(f"plan must be a qviz.Plan (see Plan.from_json), not {type(plan).__name__}")
+        if plan is not None and (qconfig is not None or qconfig_mapping is not None):
+            raise ConfigError("give either plan= or qconfig/qconfig_mapping, not both")
         self.plan = plan
+        self._user_qconfigs = qconfig if qconfig is not None else qconfig_mapping
         self.progress = progress
+        self.cache_bytes = cache_bytes
         self.results: Results | None = None
+        self._history: list[Plan] = []
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> Session:
         """Prepare, calibrate with capture, convert and compare; returns ``self``."""
         with quiet_torch(), quantized_engine(self.backend):
+            self._configure_from_plan()
             observed = self.flow.prepare(self._model, self._example)
             points = self.flow.quant_points(observed)
             reference = self.flow.reference(observed, points)
@@ -111,27 +134,229 @@ class Session:
                 with torch.no_grad():
                     for i, args in enumerate(progress_bar(self._calib, "calibrating", self.progress)):
                         run_batch(observed, args, "calib_data", i, self._calib[0])
+            self._clip_percentiles(points, records)
             for p in points:
                 if p.role != "dynamic":
                     describe(records[p.name], p.module)
+            self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
             layers, left_float = find_layers(quantized, reference)
-            per_layer, summary, order = compare_models(
-                reference, quantized, layers + left_float, self._eval,
+            self._reference, self._quantized, self._records = reference, quantized, records
+            self._layers, self._left_float = layers + left_float, left_float
+            self._comparator = Comparator(
+                reference, self._layers, self._eval, cache_bytes=self.cache_bytes,
                 call=lambda model, args, i: run_batch(model, args, "eval_data", i, self._eval[0]),
             )
-            weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
-            summary["size_bytes"] = serialized_size(quantized)
-            summary["nonfinite"] = sum(r.stats.nonfinite for r in records.values())
-            summary["left_float"] = left_float
-            summary["float_size_bytes"] = serialized_size(self._model)
-        self.results = Results.build(
-            meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__, "qviz": __version__},
-            records=records, per_layer=per_layer, weights=weights, order=order,
-            left_float=left_float, summary=summary,
-            types={n: type(quantized.get_submodule(n)).__name__ for n in layers + left_float},
-        )
+            self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
+            self._per_layer, self._model_figures = self._comparator.compare(quantized)
+            self._float_size = serialized_size(self._model)
+            self._init_plan()
+            self.results = self._build_results()
         self._warn_left_float(left_float)
+        return self
+
+    def _clip_percentiles(self, points, records) -> None:
+        """Layers whose plan asks for a percentile clip: set their observers' range from the
+        recorded histogram (torch has no percentile observer; the plan gives a MinMaxObserver)."""
+        if self.plan is None:
+            return
+        for p in points:
+            config = self.plan.get(p.layer) if p.layer in self.plan else None
+            if p.role == "output" and config is not None and config.activation == "percentile":
+                stats = records[p.name].stats
+                if stats.saw_data:
+                    lo, hi = stats.histogram.quantile([(100 - config.percentile) / 100, config.percentile / 100])
+                    p.module.min_val.fill_(float(lo))
+                    p.module.max_val.fill_(float(hi))
+
+    def _configure_from_plan(self) -> None:
+        """A plan given to the constructor drives the first conversion (FX and eager)."""
+        if self.plan is None or self.flow.name not in ("fx", "eager"):
+            return
+        if self.flow.name == "fx":
+            self.flow.qconfig_mapping = plan_qconfig_mapping(self.plan)
+        else:
+            self.flow.module_qconfigs = {
+                n: to_qconfig(c, self.backend) for n, c in self.plan.items() if c.dtype != "float"
+            }
+
+    def _init_plan(self) -> None:
+        """The plan in force: the given one (float layers applied now), or the backend default."""
+        self._owns_qconfigs = self._user_qconfigs is None and not self._handed_over()
+        if self.plan is None:
+            groups = tuple(g for g in detect_fusion_groups(self._model, warn=False) if g[0] in self._layers)
+            self.plan = Plan.default(self._layers, self.backend, groups)
+            self._run_plan = self.plan
+            return
+        missing = [n for n in self._layers if n not in self.plan]
+        if missing:
+            raise ConfigError(f"the plan has no config for layers {missing}: was it made for another model?")
+        float_now = {n: c for n, c in self.plan.items() if c.dtype == "float" and n not in self._left_float}
+        self._run_plan = self.plan.with_changes({n: {"dtype": "int8"} for n in float_now})
+        if float_now and self.flow.name == "eager":  # eager needs stubs: wrap the layers now
+            target, self.plan = self.plan, self._run_plan
+            self._apply_plan(target)
+
+    def _handed_over(self) -> bool:
+        return getattr(self.flow, "handed_over", False)
+
+    def _build_results(self) -> Results:
+        summary = dict(self._model_figures)
+        summary["size_bytes"] = serialized_size(self._quantized)
+        summary["float_size_bytes"] = self._float_size
+        summary["nonfinite"] = sum(r.stats.nonfinite for r in self._records.values())
+        summary["left_float"] = list(self._left_float)
+        float_layers = [n for n in self._layers if n in self._left_float
+                        or (self.plan is not None and n in self.plan and self.plan[n].dtype == "float")]
+        return Results.build(
+            meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__,
+                  "qviz": __version__},
+            records=self._records, per_layer=self._per_layer,
+            weights={n: w for n, w in self._weights.items() if n not in float_layers},
+            order=self._comparator.order, left_float=float_layers, summary=summary,
+            types={n: type(self._quantized.get_submodule(n)).__name__ for n in self._layers},
+            simulated=[n for n in self._layers if self.plan is not None and n in self.plan
+                       and self.plan[n].simulated],
+        )
+
+    # -- what-if -------------------------------------------------------------------------------
+    @property
+    def can_apply(self) -> bool:
+        """True when this session holds models and owns the qconfigs, so apply() can work."""
+        return (self.results is not None and self._model is not None and self.flow.name in ("fx", "eager")
+                and self._owns_qconfigs)
+
+    def apply(self, changes) -> Session:
+        """Change some layers' configs (a Plan, or {layer: {field: value}}) and re-convert live.
+
+        Qparams come from the statistics recorded at calibration (no calibration pass); only the
+        changed layers are rebuilt, and only they and the layers after them are re-measured.
+        """
+        if not self.can_apply:
+            raise ConfigError(self._why_no_apply())
+        if isinstance(changes, Plan):
+            missing, extra = set(self.plan) - set(changes), set(changes) - set(self.plan)
+            if missing or extra:
+                raise ConfigError(
+                    f"this plan was made for another model: it lacks layers {sorted(missing)} and "
+                    f"has layers this model does not have {sorted(extra)}"
+                )
+            target = changes
+        else:
+            target = self.plan.with_changes(changes)
+        with quiet_torch(), quantized_engine(self.backend):
+            self._apply_plan(target)
+            self.results = self._build_results()
+        return self
+
+    def _why_no_apply(self) -> str:
+        if self.results is None:
+            return "this session has not run yet: call session.run() first"
+        if self._model is None:
+            return "a session loaded from a file holds results only: re-create it from the model to apply plans"
+        if self.flow.name not in ("fx", "eager"):
+            return f"apply() works with flow='fx' or 'eager', not {self.flow.name!r}"
+        return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
+                "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
+
+    def _apply_plan(self, target: Plan) -> None:
+        changed = self.plan.diff(target)
+        if not changed:
+            return
+        target.check({n: self._reference.get_submodule(n) for n in changed})
+        # FX decides where quantize/dequantize go around float layers: let it convert again
+        structural = self.flow.name == "fx" and any(
+            (target[n].dtype == "float") != (self.plan[n].dtype == "float") for n in changed
+        )
+        previous = {}
+        if structural:
+            quantized = self._reconvert_fx(target)
+        else:
+            quantized = self._quantized
+            built = {n: self._rebuild(n, target[n]) for n in changed}
+            previous = {n: _swap(quantized, n, m) for n, m in built.items()}
+        try:
+            first = min(self._comparator.order.index(n) for n in changed)
+            per_layer, figures = self._comparator.compare(
+                quantized, self._comparator.order[first:], hook_names=_float_layer_hooks(quantized, self._layers)
+            )
+        except BaseException:
+            for n, m in previous.items():
+                _swap(quantized, n, m)
+            raise
+        self._quantized = quantized
+        for n in changed:
+            if target[n].dtype != "float":
+                module = quantized.get_submodule(n)
+                self._weights[n] = weight_record(module, self._reference.get_submodule(n))
+                self._update_output_record(n, module, target[n])
+        self._per_layer.update(per_layer)
+        self._model_figures = figures
+        self._history.append(self.plan)
+        self.plan = target
+
+    def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
+        """prepare_fx under ``target`` and convert_fx, every observer's qparams set from the
+        statistics recorded at calibration (no pass over calibration data)."""
+        observed = prepare_fx(copy.deepcopy(self._model).eval(), plan_qconfig_mapping(target), self._example)
+        by_key = {(r.layer, r.role): r for r in self._records.values() if r.role in ("output", "input")}
+        default = default_layer_config(self.backend)
+        for p in self.flow.quant_points(observed):
+            record = by_key.get((p.layer, p.role))
+            if record is None:
+                raise ConfigError(
+                    f"no statistics were recorded for {p.layer!r} ({p.role}) during calibration; "
+                    "build this plan from scratch with Session(model, data, plan=plan).run()"
+                )
+            config = target.get(p.layer) if p.layer in target else default
+            config = default if config.dtype == "float" else config
+            run_config = self._run_plan.get(p.layer) if p.layer in self._run_plan else default
+            initial = self._initial.get(record.name, {})
+            if "scale" in initial and same_activation(config, run_config) and (
+                type(p.module).__name__ == record.info.get("observer")
+            ):
+                scale, zero_point = float(initial["scale"][0]), int(initial["zero_point"][0])
+            else:
+                scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
+            fix_qparams(p.module, scale, zero_point)
+        return convert_fx(observed)
+
+    def _output_record(self, layer: str) -> PointRecord | None:
+        return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)
+
+    def _rebuild(self, layer: str, config) -> torch.nn.Module:
+        record = self._output_record(layer)
+        run_config = self._run_plan[layer]
+        if config.dtype == "float":
+            if feeds_only_dequantize(self._quantized, layer) or record is None:
+                return build_layer(self._reference.get_submodule(layer), config, self.backend, None)
+            qparams = (float(self._initial[record.name]["scale"][0]), int(self._initial[record.name]["zero_point"][0]), torch.quint8)
+        elif record is not None and same_activation(config, run_config) and "scale" in self._initial.get(record.name, {}):
+            qparams = (float(self._initial[record.name]["scale"][0]), int(self._initial[record.name]["zero_point"][0]), torch.quint8)
+        elif record is not None:
+            qparams = activation_qparams(record.stats, config, self.backend)
+        else:
+            raise ConfigError(f"layer {layer!r} has no recorded output statistics to rebuild it from")
+        return build_layer(self._reference.get_submodule(layer), config, self.backend, qparams)
+
+    def _update_output_record(self, layer: str, module, config) -> None:
+        record = self._output_record(layer)
+        if record is None or not hasattr(module, "scale"):
+            return
+        record.arrays = dict(record.arrays, scale=np.array([float(module.scale)]),
+                             zero_point=np.array([float(module.zero_point)]))
+        observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
+                    or config.activation)
+        record.info = dict(record.info, observer=observer, quant_min=0,
+                           quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
+
+    def undo(self) -> Session:
+        """Go back to the plan in force before the last apply()."""
+        if not self._history:
+            raise QvizError("nothing to undo: no plan was applied in this session")
+        previous = self._history.pop()
+        self.apply(previous)
+        self._history.pop()
         return self
 
     @staticmethod
@@ -177,7 +402,22 @@ class Session:
         session.flow, session.backend = None, results.meta.get("backend")
         session._model = session._calib = session._eval = session._example = None
         session.plan, session.progress, session.results = None, False, results
+        session._history = []
         return session
+
+
+def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str]:
+    """Measure a float layer inside its wrapper, before its output is quantized again."""
+    return {n: f"{n}.module" for n in layers if isinstance(quantized.get_submodule(n), FloatLayer)}
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` inside ``model``; return the module that was there."""
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, attr)
+    setattr(owner, attr, module)
+    return old
 
 
 def load(path) -> Session:

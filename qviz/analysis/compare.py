@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.nn.intrinsic import _FusedModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
@@ -57,15 +57,21 @@ def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], 
     backend cannot quantize, or a qconfig of None).
     """
     ref_names = dict(reference.named_modules())
-    quantized_layers, left_float = [], []
+    quantized_layers, left_float, fused_float = [], [], set()
     for name, module in quantized.named_modules():
         if not name or name not in ref_names or is_quant_point(module):
             continue
+        if name.rpartition(".")[0] in fused_float:
+            continue  # the conv inside a fused ConvReLU2d left float: the group is the layer
         if is_quantized_module(module):
             if _has_weight(module):
                 quantized_layers.append(name)
-        elif any(p.is_floating_point() for p in module.parameters(recurse=False)):
+        elif isinstance(module, _FusedModule) or any(
+            p.is_floating_point() for p in module.parameters(recurse=False)
+        ):
             left_float.append(name)
+            if isinstance(module, _FusedModule):
+                fused_float.add(name)
     return quantized_layers, left_float
 
 
@@ -126,78 +132,112 @@ def _register(model: nn.Module, names: list[str], hook) -> list:
     return [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
 
 
-def compare_models(
-    reference: nn.Module, quantized: nn.Module, layers: list[str], batches: Iterable, call=None
-) -> tuple[dict[str, dict], dict, list[str]]:
-    """Per-layer errors, model-level errors and the layers in execution order.
+class Comparator:
+    """Compares quantized models with one float reference on fixed evaluation batches.
 
-    ``call(model, args, index)`` runs a model on a batch (default ``model(*args)``); the session
-    passes one that turns failures into a clear error about the data.
+    The reference's per-layer outputs are computed once and kept while they fit in
+    ``cache_bytes`` (else recomputed on each comparison), so re-comparing after a plan change
+    costs one quantized forward plus the shadow runs of the layers measured.
     """
-    call = call or (lambda model, args, index: model(*args))
-    out_acc = {n: ErrorAccumulator() for n in layers}
-    local_acc = {n: ErrorAccumulator() for n in layers}
-    model_acc, agree, total = ErrorAccumulator(), 0, 0
-    order: list[str] = []
-    ref_out: dict[str, torch.Tensor] = {}
-    shadowing = [False]  # the reference layers' own hooks must ignore the shadow calls
 
-    def record_reference(name):
-        def hook(module, args, output):
-            if shadowing[0]:
-                return
-            ref_out[name] = _float(_first_tensor(output)).detach()
-            if name not in order:
-                order.append(name)
-        return hook
+    def __init__(self, reference: nn.Module, layers: list[str], batches: list, call=None,
+                 cache_bytes: int = 512 * 2**20):
+        self.reference, self.layers, self.batches = reference, list(layers), list(batches)
+        self.call = call or (lambda model, args, index: model(*args))
+        self.cache_bytes = cache_bytes
+        self.order: list[str] = []
+        self._cache: list[tuple[dict, torch.Tensor]] | None = None
 
-    def record_quantized(name):
-        ref_module = reference.get_submodule(name)
+    def _reference_outputs(self, i: int, args: tuple) -> tuple[dict, torch.Tensor]:
+        """(layer -> reference output, model output) for batch ``i``, from the cache if held."""
+        if self._cache is not None:
+            return self._cache[i]
+        outputs: dict[str, torch.Tensor] = {}
 
-        def hook(module, args, output):
-            y = _float(_first_tensor(output))
-            if name in ref_out:
-                out_acc[name].add(ref_out[name], y)
-            shadowing[0] = True
-            try:
-                shadow = ref_module(*(_float(a) for a in args))
-            finally:
-                shadowing[0] = False
-            local_acc[name].add(_float(_first_tensor(shadow)), y)
-        return hook
+        def record(name):
+            def hook(module, inputs, output):
+                outputs[name] = _float(_first_tensor(output)).detach()
+                if name not in self.order:
+                    self.order.append(name)
+            return hook
 
-    handles = []
-    try:
-        handles += _register(reference, layers, record_reference)
-        handles += _register(quantized, layers, record_quantized)
+        handles = _register(self.reference, self.layers, record)
+        try:
+            final = _float(_first_tensor(self.call(self.reference, args, i)))
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs, final
+
+    def _fill_cache(self) -> None:
+        entries, size = [], 0
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                ref_out.clear()
-                args = as_args(batch)
-                x = _float(_first_tensor(call(reference, args, i)))
-                y = _float(_first_tensor(call(quantized, args, i)))
-                model_acc.add(x, y)
-                if x.dim() == 2 and x.shape[1] > 1:
-                    agree += int((x.argmax(1) == y.argmax(1)).sum())
-                    total += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-    per_layer = {}
-    for n in layers:
-        o, loc = out_acc[n].result(), local_acc[n].result()
-        per_layer[n] = {
-            "output_sqnr": o["sqnr"], "mse": o["mse"], "cosine": o["cosine"],
-            "max_abs_err": o["max_abs_err"], "local_sqnr": loc["sqnr"],
+            for i, batch in enumerate(self.batches):
+                entry = self._reference_outputs(i, as_args(batch))
+                size += sum(t.nbytes for t in entry[0].values()) + entry[1].nbytes
+                if size > self.cache_bytes:
+                    return
+                entries.append(entry)
+        self._cache = entries
+
+    def compare(self, quantized: nn.Module, measure: list[str] | None = None,
+                hook_names: dict[str, str] | None = None) -> tuple[dict[str, dict], dict]:
+        """Per-layer errors of the ``measure`` layers (default all) and model-level errors.
+
+        ``hook_names`` maps a layer to the module of ``quantized`` to observe in its place.
+        """
+        if self._cache is None and not self.order:
+            self._fill_cache()
+        measure = self.layers if measure is None else list(measure)
+        out_acc = {n: ErrorAccumulator() for n in measure}
+        local_acc = {n: ErrorAccumulator() for n in measure}
+        model_acc, agree, total = ErrorAccumulator(), 0, 0
+        ref_out: dict[str, torch.Tensor] = {}
+
+        def record_quantized(name):
+            ref_module = self.reference.get_submodule(name)
+
+            def hook(module, args, output):
+                y = _float(_first_tensor(output))
+                if name in ref_out:
+                    out_acc[name].add(ref_out[name], y)
+                shadow = ref_module(*(_float(a) for a in args))
+                local_acc[name].add(_float(_first_tensor(shadow)), y)
+            return hook
+
+        hook_names = hook_names or {}
+        handles = [quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(record_quantized(n))
+                   for n in measure]
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(self.batches):
+                    args = as_args(batch)
+                    outputs, x = self._reference_outputs(i, args)
+                    ref_out.clear()
+                    ref_out.update(outputs)
+                    y = _float(_first_tensor(self.call(quantized, args, i)))
+                    model_acc.add(x, y)
+                    if x.dim() == 2 and x.shape[1] > 1:
+                        agree += int((x.argmax(1) == y.argmax(1)).sum())
+                        total += x.shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+        per_layer = {}
+        for n in measure:
+            o, loc = out_acc[n].result(), local_acc[n].result()
+            per_layer[n] = {
+                "output_sqnr": o["sqnr"], "mse": o["mse"], "cosine": o["cosine"],
+                "max_abs_err": o["max_abs_err"], "local_sqnr": loc["sqnr"],
+            }
+        model = model_acc.result()
+        summary = {
+            "output_sqnr": model["sqnr"],
+            "output_mse": model["mse"],
+            "top1_agreement": agree / total if total else math.nan,
         }
-    model = model_acc.result()
-    summary = {
-        "output_sqnr": model["sqnr"],
-        "output_mse": model["mse"],
-        "top1_agreement": agree / total if total else math.nan,
-    }
-    order += [n for n in layers if n not in order]
-    return per_layer, summary, order
+        self.order += [n for n in self.layers if n not in self.order]
+        return per_layer, summary
 
 
 def serialized_size(model: nn.Module) -> int:

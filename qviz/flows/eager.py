@@ -32,7 +32,7 @@ def is_prepared(model: nn.Module) -> bool:
     return any(is_quant_point(m) for m in model.modules())
 
 
-def detect_fusion_groups(model: nn.Module) -> list[list[str]]:
+def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]:
     """conv-bn(-relu), conv-relu, linear-relu and linear-bn chains, found by an FX trace.
 
     A module joins a chain only when it is the sole user of the previous module's output, so
@@ -41,6 +41,8 @@ def detect_fusion_groups(model: nn.Module) -> list[list[str]]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any tracing failure just means "no automatic fusion"
+        if not warn:
+            return []
         warnings.warn(
             "qviz could not trace the model to find fusion groups, so none were fused; pass "
             "fuse=[['conv', 'bn', 'relu'], ...] to Session to fuse them yourself",
@@ -81,8 +83,10 @@ class EagerFlow:
     name = "eager"
     needs_calibration = True
 
-    def __init__(self, backend: str = "x86", qconfig=None, fuse="auto"):
+    def __init__(self, backend: str = "x86", qconfig=None, fuse="auto", module_qconfigs=None):
         self.backend = check_backend(backend)
+        self.module_qconfigs = module_qconfigs or {}  # layer name -> qconfig, from a Plan
+        self.handed_over = False
         self.qconfig = qconfig if qconfig is not None else tq.get_default_qconfig(backend)
         if fuse != "auto" and not (
             isinstance(fuse, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in fuse)
@@ -95,6 +99,7 @@ class EagerFlow:
 
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
         if is_prepared(model):
+            self.handed_over = True
             return copy.deepcopy(model).eval()
         if not any(isinstance(m, tq.QuantStub) for m in model.modules()):
             raise ModelError(
@@ -113,6 +118,8 @@ class EagerFlow:
                     "an order fuse_modules supports (conv-bn, conv-bn-relu, conv-relu, linear-relu)"
                 ) from exc
         observed.qconfig = self.qconfig
+        for name, qconfig in self.module_qconfigs.items():
+            observed.get_submodule(name).qconfig = qconfig
         tq.prepare(observed, inplace=True)
         return observed
 

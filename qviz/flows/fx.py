@@ -52,9 +52,11 @@ class FxFlow:
     def __init__(self, backend: str = "x86", qconfig_mapping=None):
         self.backend = check_backend(backend)
         self.qconfig_mapping = qconfig_mapping
+        self.handed_over = False
 
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
         if is_fx_prepared(model):
+            self.handed_over = True
             return copy.deepcopy(model).eval()
         mapping = self.qconfig_mapping or get_default_qconfig_mapping(self.backend)
         observed = copy.deepcopy(model).eval()

@@ -60,7 +60,8 @@ class Results:
     records: dict[str, PointRecord]
 
     @classmethod
-    def build(cls, *, meta, records, per_layer, weights, order, left_float, summary, types) -> Results:
+    def build(cls, *, meta, records, per_layer, weights, order, left_float, summary, types,
+              simulated=()) -> Results:
         records = dict(records)
         for layer, rec in weights.items():
             if "float_weight" in rec:
@@ -68,8 +69,10 @@ class Results:
                 records[wp.name] = wp
         rows = []
         for depth, name in enumerate(order):
-            rows.append(_row(name, depth, types[name], name not in left_float,
-                             per_layer[name], weights.get(name, {}), records))
+            row = _row(name, depth, types[name], name not in left_float,
+                       per_layer[name], weights.get(name, {}), records)
+            row["simulated"] = name in simulated
+            rows.append(row)
         table = pd.DataFrame(rows).set_index("layer")
         return cls(meta=meta, summary=summary, table=table, records=records)
 
@@ -157,6 +160,8 @@ def _row(name, depth, type_name, quantized, errors, weight, records) -> dict:
         dtype, observer = f"{weight.get('weight_dtype', '')} (dynamic)", "dynamic"
     else:
         dtype, observer = info.get("dtype", ""), info.get("observer", "")
+    if not quantized:
+        point = None  # a float layer has no output quantization of its own
     stats = point.stats if point is not None else None
     row.update({
         "dtype": dtype,
