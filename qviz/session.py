@@ -20,6 +20,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
+from qviz.analysis.search import search
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import make_flow, quantized_engine
@@ -349,6 +350,26 @@ class Session:
                     or config.activation)
         record.info = dict(record.info, observer=observer, quant_min=0,
                            quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
+
+    def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
+               ladder=("int4", "int8", "float")):
+        """A mixed-precision plan meeting the target at the least weight size (see
+        :mod:`qviz.analysis.search`); the session is left on its current plan."""
+        if not self.can_apply:
+            raise ConfigError(self._why_no_apply())
+        return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder)
+
+    def param_counts(self) -> dict[str, int]:
+        """Number of weight values of each layer (BN folded into its conv)."""
+        return {n: sum(p.numel() for p in self._reference.get_submodule(n).parameters()) for n in self._layers}
+
+    def quantized_model(self) -> nn.Module:
+        """The converted model under the plan in force (the session's own: do not modify it)."""
+        return self._quantized
+
+    def float_model(self) -> nn.Module:
+        """The float reference, fused like the quantized model (the session's own)."""
+        return self._reference
 
     def undo(self) -> Session:
         """Go back to the plan in force before the last apply()."""
