@@ -11,12 +11,15 @@ from qviz.errors import (  # noqa: E402
     QvizError,
     SessionFileError,
 )
+from qviz.plan import LayerConfig, Plan  # noqa: E402
 from qviz.session import Session, load  # noqa: E402
 
 __all__ = [
     "ConfigError",
     "InputDataError",
+    "LayerConfig",
     "ModelError",
+    "Plan",
     "QvizError",
     "Session",
     "SessionFileError",
