@@ -412,6 +412,18 @@ class Session:
         """The full record of one quantization point (stats with histogram, qparams arrays)."""
         return self._results().record(point)
 
+    def show(self):
+        """The dashboard, inline in a notebook (see :mod:`qviz.ui`)."""
+        from qviz.ui.widget import show
+
+        return show(self)
+
+    def widget(self):
+        """The dashboard as an ipywidgets widget (VS Code, Voila, ipywidgets layouts)."""
+        from qviz.ui.widget import widget
+
+        return widget(self)
+
     def save(self, path) -> None:
         """Write everything the frame, summary and histograms need to ``path`` (atomically)."""
         self._results().save(path)

@@ -2,7 +2,7 @@
 
 A probe sees exactly the tensor its observer or fake-quant sees and feeds it to an
 :class:`~qviz.capture.stats.ActivationStats` (fixed memory per point). NaN/Inf values are
-counted and replaced by 0 (NaN) or the largest finite value of that tensor (+-Inf) before the
+counted and replaced by 0 (NaN) or the finite max/min of that tensor (+Inf/-Inf) before the
 observer runs, so one bad batch cannot poison the qparams and the run completes; the counts
 appear in the ``nonfinite`` column. Hooks are removed in ``finally``, whatever happens.
 """
@@ -38,15 +38,19 @@ class PointRecord:
 
 
 def _sanitize(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(x with NaN -> 0 and +-Inf -> its largest finite magnitude, count of those values)."""
+    """(x with NaN -> 0, +Inf -> its finite max, -Inf -> its finite min; count of those values).
+
+    The observer then sees the same range the statistics record (which skip non-finite values).
+    """
     if not x.is_floating_point():
         return x, 0
     finite = torch.isfinite(x)
     bad = int(x.numel() - finite.sum())
     if bad == 0:
         return x, 0
-    big = x[finite].abs().max() if finite.any() else torch.zeros((), dtype=x.dtype)
-    return torch.nan_to_num(x, nan=0.0, posinf=float(big), neginf=-float(big)), bad
+    values = x[finite]
+    lo, hi = (float(values.min()), float(values.max())) if values.numel() else (0.0, 0.0)
+    return torch.nan_to_num(x, nan=0.0, posinf=hi, neginf=lo), bad
 
 
 @contextlib.contextmanager
