@@ -24,14 +24,18 @@ class ErrorAccumulator:
         self.max_abs = 0.0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.detach().double().reshape(-1), y.detach().double().reshape(-1)
-        if x.shape != y.shape:
+        x, y = x.detach(), y.detach()
+        if x.numel() != y.numel():
             raise ValueError(f"cannot compare tensors of {x.numel()} and {y.numel()} values")
+        x, y = x.reshape(y.shape).float(), y.float()
         d = x - y
-        self.signal += float(x @ x)
-        self.noise += float(d @ d)
-        self.cross += float(x @ y)
-        self.other += float(y @ y)
+        # sums of squares in float64 without float64 copies of the tensors
+        norm = torch.linalg.vector_norm
+        sx, sy, sd = (float(norm(t, dtype=torch.float64)) for t in (x, y, d))
+        self.signal += sx * sx
+        self.noise += sd * sd
+        self.other += sy * sy
+        self.cross += (sx * sx + sy * sy - sd * sd) / 2  # x.y from the polarization identity
         self.count += x.numel()
         if x.numel():
             self.max_abs = max(self.max_abs, float(d.abs().max()))

@@ -64,11 +64,13 @@ def probing(points: list[QuantPoint]):
             x = args[0]
             if not isinstance(x, torch.Tensor):
                 return None
-            clean, bad = _sanitize(x.detach())
-            record.stats.update(x.detach())
-            if bad:
-                return (clean, *args[1:])
-            return None
+            x = x.detach()
+            seen = record.stats.nonfinite
+            record.stats.update(x)  # one min/max pass; it counts NaN/Inf when there are any
+            if record.stats.nonfinite == seen:
+                return None
+            clean, _ = _sanitize(x)
+            return (clean, *args[1:])
 
         return hook
 
