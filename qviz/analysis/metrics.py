@@ -29,9 +29,9 @@ class ErrorAccumulator:
             raise ValueError(f"cannot compare tensors of {x.numel()} and {y.numel()} values")
         x, y = x.reshape(y.shape).float(), y.float()
         d = x - y
-        # sums of squares in float64 without float64 copies of the tensors
-        norm = torch.linalg.vector_norm
-        sx, sy, sd = (float(norm(t, dtype=torch.float64)) for t in (x, y, d))
+        # float32 norms (blocked reductions, accurate to ~1e-7 relative; a float64 norm is 20x
+        # slower on CPU), squared and summed across batches in Python floats
+        sx, sy, sd = (float(torch.linalg.vector_norm(t)) for t in (x, y, d))
         self.signal += sx * sx
         self.noise += sd * sd
         self.other += sy * sy
