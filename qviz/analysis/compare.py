@@ -125,6 +125,11 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     else:
         rec["weight_qscheme"] = "none"
     rec["float_weight"] = x
+    if common == ["weight"] and fws["weight"].dim() >= 2:  # per output channel, for diagnosis
+        w = fws["weight"]
+        inner = fmodule[0] if isinstance(fmodule, nn.Sequential) and len(fmodule) else fmodule
+        axis = 1 if isinstance(inner, nn.modules.conv._ConvTransposeNd) else 0
+        rec["channel_absmax"] = w.abs().transpose(0, axis).reshape(w.shape[axis], -1).amax(1).double().numpy()
     return rec
 
 

@@ -1,0 +1,453 @@
+"""Per-layer sensitivity: what quantizing each layer costs the model, measured one layer at a time.
+
+For every layer, four mixed models are measured on the session's evaluation batches:
+
+- ``quantize_only``: the float model with only this layer quantized;
+- ``skip_only``: the quantized model with only this layer left float;
+- ``weight_only``: the float model with only this layer's weight quantized;
+- ``activation_only``: the float model with only this layer's output activation quantized.
+
+The metric is the model output's SQNR (dB) against the float model, or ``eval_fn(model)``.
+
+How the mixed models are built: nothing is calibrated or converted again. Each one is the
+session's float reference (fused, BN folded, same module names) or its quantized model with ONE
+module swapped: the quantized layer taken from the quantized model between a quantize (with the
+input qparams that layer receives in the quantized model) and a dequantize; the float layer
+with the quantized layer's dequantized weights; the float layer followed by a quantize-dequantize
+with the layer's output qparams; or the float layer inside the quantized model (its input
+dequantized, its output quantized again for its consumers, as ``Session.apply`` leaves a float
+layer). Every qparam is the one the quantized model already uses, so the figures agree with
+``Session.apply`` of the same plan (tests/test_sensitivity.py checks it), at a fraction of the cost.
+
+Speed: on FX graph modules without in-place ops, one plain run per batch keeps every node's value
+(within ``cache_bytes``) and each mixed model recomputes only the nodes downstream of the swapped
+layer. Work units are picklable (``executor=`` any ``concurrent.futures.Executor``); each unit
+rebuilds its own caches.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import operator
+import os
+import pickle
+from collections.abc import Callable
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qviz.analysis.compare import _first_tensor, _float, quantized_weights
+from qviz.analysis.metrics import ErrorAccumulator
+from qviz.errors import ConfigError
+from qviz.flows import quantized_engine
+from qviz.torch_warnings import quiet_torch
+from qviz.whatif import FloatLayer, feeds_only_dequantize
+
+VARIANTS = ("quantize_only", "skip_only", "weight_only", "activation_only")
+COLUMNS = ("rank", *VARIANTS, "sensitivity", "float_metric")
+DEFAULT_METRIC = "output_sqnr"
+
+
+@dataclass(frozen=True, eq=False)
+class Sensitivity:
+    """The sweep: ``metric`` and a frame indexed by layer, most sensitive first (see COLUMNS).
+
+    ``sensitivity`` is ``-quantize_only`` for the default metric (the output noise, in dB relative
+    to the signal, that this layer alone adds: the float model's SQNR is infinite) and
+    ``float_metric - quantize_only`` for an ``eval_fn`` (higher is better).
+    """
+
+    metric: str
+    frame: pd.DataFrame = field(repr=False)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        frame = self.frame.copy()
+        frame.attrs["metric"] = self.metric
+        return frame
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> Sensitivity:
+        """A stored sweep (``results.sensitivity``), its metric read from ``frame.attrs``."""
+        return cls(frame.attrs.get("metric", DEFAULT_METRIC), frame.copy())
+
+
+# -- the swapped-in modules ----------------------------------------------------------------------
+class QuantizedOnly(nn.Module):
+    """A quantized layer inside a float model: its input quantized as in the quantized model
+    (``input_qparams`` = (scale, zero_point, dtype), None for dynamic layers), output dequantized."""
+
+    def __init__(self, layer: nn.Module, input_qparams: tuple | None):
+        super().__init__()
+        self.layer, self.input_qparams = layer, input_qparams
+
+    def forward(self, x, *rest):
+        if self.input_qparams is not None:
+            x = torch.quantize_per_tensor(x, *self.input_qparams)
+        out = self.layer(x, *rest)
+        return out.dequantize() if isinstance(out, torch.Tensor) and out.is_quantized else out
+
+
+class FakeQuantOutput(nn.Module):
+    """A float layer whose output is quantized and dequantized with ``qparams``."""
+
+    def __init__(self, layer: nn.Module, qparams: tuple):
+        super().__init__()
+        self.layer, self.qparams = layer, qparams
+
+    def forward(self, *args):
+        return torch.quantize_per_tensor(self.layer(*args), *self.qparams).dequantize()
+
+
+def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> nn.Module | None:
+    """A copy of the float layer computing with the quantized layer's weights (dequantized);
+    None when the weights cannot be matched by name."""
+    module = copy.deepcopy(reference_layer)
+    holder = module
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) and isinstance(module, nn.Sequential):
+        holder = module[0]  # a fused float module (ConvReLU2d, LinearReLU, ...)
+    fake_quant = getattr(holder, "weight_fake_quant", None)
+    if fake_quant is not None:  # QAT: weights are BN-folded inside forward; let its fake-quant act
+        fake_quant.fake_quant_enabled.fill_(1)
+        fake_quant.observer_enabled.fill_(0)
+        return module
+    params = dict(holder.named_parameters(recurse=False))
+    weights = quantized_weights(quantized_layer)
+    if not weights or any(k not in params for k in weights):
+        return None
+    with torch.no_grad():
+        for k, w in weights.items():
+            params[k].copy_(_float(w).reshape(params[k].shape))
+    return module
+
+
+# -- running models with a module swapped ---------------------------------------------------------
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _mutates(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Might ``node`` write into one of its inputs (which would corrupt cached values)?"""
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    return False
+
+
+class _Values(torch.fx.Interpreter):
+    """Runs a GraphModule node by node keeping every value; re-runs only what a swap changes."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.calls: dict[str, list[torch.fx.Node]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.calls.setdefault(n.target, []).append(n)
+        self.output_node = next(n for n in gm.graph.nodes if n.op == "output")
+        self.swaps: dict[str, nn.Module] = {}
+        self._downstream: dict[tuple, list[torch.fx.Node]] = {}
+
+    def call_module(self, target, args, kwargs):
+        module = self.swaps.get(target)
+        return super().call_module(target, args, kwargs) if module is None else module(*args, **kwargs)
+
+    def values(self, args: tuple, swaps: dict) -> dict:
+        """Every node's value on ``args`` with ``swaps`` in place."""
+        self.swaps = swaps
+        try:
+            self.run(*args)
+            return self.env
+        finally:
+            self.swaps, self.env = {}, {}
+
+    def rerun(self, env: dict, swaps: dict):
+        """The output with ``swaps`` in place, recomputing only the nodes they reach."""
+        key = tuple(sorted(swaps))
+        if key not in self._downstream:
+            reached, todo = set(), [n for t in key for n in self.calls[t]]
+            while todo:
+                n = todo.pop()
+                if n not in reached:
+                    reached.add(n)
+                    todo.extend(n.users)
+            self._downstream[key] = sorted(reached, key=self.order.__getitem__)
+        self.env, self.swaps = dict(env), swaps
+        try:
+            for n in self._downstream[key]:
+                self.env[n] = self.run_node(n)
+            return self.graph.process_outputs(self.env[self.output_node])
+        finally:
+            self.swaps, self.env = {}, {}
+
+
+def _nbytes(values) -> int:
+    tensors = {id(v): v for v in values if isinstance(v, torch.Tensor)}
+    return sum(t.nelement() * t.element_size() for t in tensors.values())
+
+
+class _swapped:
+    """``with _swapped(model, {name: module}):`` the modules in place, the old ones back after."""
+
+    def __init__(self, model: nn.Module, swaps: dict):
+        self.model, self.swaps, self.old = model, swaps, {}
+
+    def _put(self, name, module):
+        parent, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(parent)
+        old = getattr(owner, attr)
+        setattr(owner, attr, module)
+        return old
+
+    def __enter__(self):
+        for name, module in self.swaps.items():
+            self.old[name] = self._put(name, module)
+        return self.model
+
+    def __exit__(self, *exc):
+        for name, module in self.old.items():
+            self._put(name, module)
+
+
+class _Runner:
+    """One model's outputs on the evaluation batches with modules swapped in by name."""
+
+    def __init__(self, model: nn.Module, batches: list, budget: int):
+        self.model, self.batches, self.budget = model, batches, budget
+        graph = isinstance(model, torch.fx.GraphModule) and not any(_mutates(n, model) for n in model.graph.nodes)
+        self.values = _Values(model) if graph else None
+        self.envs: dict[int, dict] = {}  # batch -> node values of the plain run, while they fit
+        self.plain: dict[int, torch.Tensor] = {}  # batch -> plain output
+        self.kept = 0
+
+    def output(self, i: int, swaps: dict) -> torch.Tensor:
+        if self.values is not None and all(t in self.values.calls for t in swaps):
+            env = self._env(i)
+            if env is not None:
+                return _final(self.values.rerun(env, swaps)) if swaps else self.plain[i]
+        if not swaps and i in self.plain:
+            return self.plain[i]
+        with _swapped(self.model, swaps):
+            out = _final(self.model(*self.batches[i]))
+        if not swaps:
+            self.plain[i] = out
+        return out
+
+    def _env(self, i: int) -> dict | None:
+        """Node values of the plain run on batch ``i``; None where they did not fit the budget."""
+        if i in self.plain:
+            return self.envs.get(i)
+        env = self.values.values(self.batches[i], {})
+        self.plain[i] = _final(self.values.graph.process_outputs(env[self.values.output_node]))
+        size = _nbytes(env.values())
+        if self.kept + size > self.budget:
+            return None
+        self.envs[i], self.kept = env, self.kept + size
+        return env
+
+
+def _final(value) -> torch.Tensor:
+    return _float(_first_tensor(value)).detach()
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Spec:
+    """What one layer looks like in the quantized model: (scale, zero_point, dtype) of its input
+    and output (None where float), and the qparams its float stand-in re-quantizes with."""
+
+    input_qparams: tuple | None
+    output_qparams: tuple | None
+    requantize: tuple | None
+
+
+def _qparams(value) -> tuple | None:
+    t = _first_tensor(value)
+    if isinstance(t, torch.Tensor) and t.is_quantized and t.qscheme() in (torch.per_tensor_affine,
+                                                                         torch.per_tensor_symmetric):
+        return float(t.q_scale()), int(t.q_zero_point()), t.dtype
+    return None
+
+
+def _specs(quantized: nn.Module, layers: list[str], batches: list) -> dict[str, _Spec]:
+    """Each layer's input/output qparams, read off the quantized model running the batches."""
+    seen: dict[str, tuple] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            seen.setdefault(name, (_qparams(args[0]) if args else None, _qparams(output)))
+        return record
+
+    handles = [quantized.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
+    try:
+        for args in batches:
+            if len(seen) == len(layers):
+                break
+            quantized(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    specs = {}
+    for n in layers:
+        inp, out = seen.get(n, (None, None))
+        requant = None if out is None or feeds_only_dequantize(quantized, n) else out[:2]
+        specs[n] = _Spec(inp, out, requant)
+    return specs
+
+
+class _Sweep:
+    """The per-layer work: picklable (models travel sanitized, see :func:`_dumps`)."""
+
+    def __init__(self, reference, quantized, batches, specs, eval_fn, backend, cache_bytes):
+        self.reference, self.quantized, self.batches = reference, quantized, batches
+        self.specs, self.eval_fn, self.backend, self.cache_bytes = specs, eval_fn, backend, cache_bytes
+        self.private = False  # True once this copy's models belong to it alone
+        self._payload: bytes | None = None
+        self._runners: dict[str, _Runner] = {}
+
+    def __reduce__(self):
+        if self._payload is None:
+            state = (self.reference, self.quantized, self.batches, self.specs, self.eval_fn,
+                     self.backend, self.cache_bytes)
+            self._payload = _dumps(state)
+        return _unpack, (self._payload,)
+
+    def copy(self) -> _Sweep:
+        """A private copy (models included), for a work unit running beside others."""
+        kind, args = self.__reduce__()
+        return kind(*args)
+
+    def runner(self, which: str) -> _Runner:
+        if which not in self._runners:
+            self._runners[which] = _Runner(getattr(self, which), self.batches, self.cache_bytes // 2)
+        return self._runners[which]
+
+    def metric(self, which: str, swaps: dict) -> float:
+        """The metric of model ``which`` ("reference" or "quantized") with ``swaps`` in place."""
+        if self.eval_fn is not None:
+            with _swapped(getattr(self, which), swaps) as model:
+                return float(self.eval_fn(model))
+        acc, ref, run = ErrorAccumulator(), self.runner("reference"), self.runner(which)
+        for i in range(len(self.batches)):
+            acc.add(ref.output(i, {}), run.output(i, swaps))
+        return acc.result()["sqnr"]
+
+    def measure(self, layer: str) -> dict[str, float]:
+        """The four variants' metrics for ``layer``."""
+        spec = self.specs[layer]
+        ref_layer, q_layer = self.reference.get_submodule(layer), self.quantized.get_submodule(layer)
+        requant = spec.requantize or (None, None)
+        variants = {
+            "quantize_only": ("reference", QuantizedOnly(q_layer, spec.input_qparams)),
+            "skip_only": ("quantized", FloatLayer(ref_layer, *requant)),
+            "weight_only": ("reference", weight_quantized(ref_layer, q_layer)),
+            "activation_only": ("reference", None if spec.output_qparams is None
+                                else FakeQuantOutput(ref_layer, spec.output_qparams)),
+        }
+        return {name: math.nan if module is None else self.metric(which, {layer: module})
+                for name, (which, module) in variants.items()}
+
+    def measure_all(self, layers: list[str]) -> dict[str, dict[str, float]]:
+        with quiet_torch(), quantized_engine(self.backend), torch.no_grad():
+            return {n: self.measure(n) for n in layers}
+
+
+def _unpack(payload: bytes) -> _Sweep:
+    job = _Sweep(*pickle.loads(payload))
+    job.private, job._payload = True, payload
+    return job
+
+
+def _measure_chunk(job: _Sweep, layers: list[str]) -> dict[str, dict[str, float]]:
+    """An executor's work unit; threads share the caller's objects, so they get a copy."""
+    return (job if job.private else job.copy()).measure_all(layers)
+
+
+# torch 2.13 cannot pickle some of what sessions hold: quantized convs (their __setstate__ skips
+# nn.Module's own state), qconfigs (local functions), GraphModules whose code annotates Tensor.
+def _restore_module(cls, state):
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.__setstate__(state)
+    return module
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, nn.Module) and type(obj).__getstate__ is not nn.Module.__getstate__:
+            return _restore_module, (type(obj), obj.__getstate__())
+        return NotImplemented
+
+
+def _dumps(state) -> bytes:
+    models = copy.deepcopy(state[:2])
+    for model in models:
+        for module in model.modules():
+            module.__dict__.pop("qconfig", None)
+            if isinstance(module, torch.fx.GraphModule):
+                module.meta = {}
+                for node in module.graph.nodes:
+                    node.type = None
+                module.recompile()
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer).dump((*models, *state[2:]))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            f"executor= sends the sweep to other workers, and part of it does not pickle ({exc}): "
+            "define eval_fn at module level (not a lambda or local function), or drop executor="
+        ) from exc
+    return buffer.getvalue()
+
+
+def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: list[str], *,
+          float_layers=(), backend: str = "x86", eval_fn: Callable | None = None, executor=None,
+          progress: bool = True, cache_bytes: int = 512 * 2**20) -> Sensitivity:
+    """Measure every layer of ``layers`` (module names shared by ``reference`` and ``quantized``);
+    ``float_layers`` are float in ``quantized`` already and need no work. See the module doc."""
+    metric = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
+    float_layers = set(float_layers)
+    work = [n for n in layers if n not in float_layers]
+    with quiet_torch(), quantized_engine(backend), torch.no_grad():
+        job = _Sweep(reference, quantized, batches, _specs(quantized, work, batches), eval_fn,
+                     backend, cache_bytes)
+        float_metric = math.inf if eval_fn is None else job.metric("reference", {})
+        quantized_metric = job.metric("quantized", {}) if len(work) < len(layers) else math.nan
+    rows = {n: {**dict.fromkeys(VARIANTS, float_metric), "skip_only": quantized_metric}
+            for n in layers if n not in work}
+    with tqdm(total=len(work), desc="qviz: sensitivity", unit="layer", leave=False,
+              disable=not progress) as bar:
+        if executor is None:
+            for n in work:
+                rows.update(job.measure_all([n]))
+                bar.update()
+        elif work:
+            workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            count = min(len(work), workers)
+            futures = [executor.submit(_measure_chunk, job, work[k::count]) for k in range(count)]
+            for future in as_completed(futures):
+                part = future.result()
+                rows.update(part)
+                bar.update(len(part))
+    frame = pd.DataFrame.from_dict({n: rows[n] for n in layers}, orient="index", columns=list(VARIANTS))
+    frame = frame.astype(np.float64)
+    lost = -frame["quantize_only"] if eval_fn is None else float_metric - frame["quantize_only"]
+    frame["sensitivity"] = lost
+    frame["float_metric"] = float_metric
+    frame = frame.sort_values("sensitivity", ascending=False, kind="stable", na_position="last")
+    frame.insert(0, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
+    frame.index.name = "layer"
+    return Sensitivity(metric, frame)
