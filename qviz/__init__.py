@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from qviz.capture.qat import watch  # noqa: E402
 from qviz.errors import (  # noqa: E402
     ConfigError,
     InputDataError,
@@ -25,4 +26,5 @@ __all__ = [
     "SessionFileError",
     "__version__",
     "load",
+    "watch",
 ]

@@ -9,6 +9,7 @@ records with numpy arrays), so a session saves to a file and loads without the m
 from __future__ import annotations
 
 import copy
+import pathlib
 import warnings
 from collections.abc import Iterable
 
@@ -20,7 +21,9 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
+from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.search import search
+from qviz.analysis.sensitivity import Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import make_flow, quantized_engine
@@ -370,6 +373,62 @@ class Session:
     def float_model(self) -> nn.Module:
         """The float reference, fused like the quantized model (the session's own)."""
         return self._reference
+
+    def report(self, path) -> pathlib.Path:
+        """Write the sensitivity report, one self-contained HTML file, to ``path`` (atomically);
+        returns the path. See :mod:`qviz.report`."""
+        from qviz.report import write_report
+
+        return write_report(self, path)
+
+    @classmethod
+    def from_qat(cls, qat_model: nn.Module, recorder, calib_data: Iterable, **kwargs) -> Session:
+        """A session on a QAT model converted as trained (a copy with observers frozen), with the
+        ``qviz.watch`` recorder's timeline in ``results.timeline`` and an ``fq_vs_int8_sqnr`` column:
+        the converted model vs the fake-quantized one, layer by layer, on the same eval batches.
+        ``recorder`` may also be a Timeline or None; ``kwargs`` go to ``Session``."""
+        from qviz.capture.qat import fake_quant_vs_int8, frozen_qat_copy, timeline_of
+
+        timeline = timeline_of(recorder)
+        qat, flow = frozen_qat_copy(qat_model)
+        session = cls(qat, calib_data, **{"flow": flow, **kwargs}).run()
+        table = session.results.table
+        with quiet_torch(), quantized_engine(session.backend):
+            sqnr = fake_quant_vs_int8(qat, session._quantized, session.flow.quant_points(qat),
+                                      list(table.index[table.quantized]), session._eval)
+        table["fq_vs_int8_sqnr"] = [sqnr.get(n, np.nan) for n in table.index]
+        session.results.timeline = timeline
+        return session
+
+    def sensitivity(self, *, eval_fn=None, executor=None, progress=None) -> Sensitivity:
+        """What quantizing each layer alone costs, most sensitive first (see
+        :mod:`qviz.analysis.sensitivity`): no calibration pass, and the plan and models stay as
+        they are. Kept in ``results.sensitivity`` for save() and report(); ``eval_fn(model)``
+        (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers."""
+        results = self._results()
+        if self._model is None:
+            metric = None if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
+            stored = results.sensitivity
+            if stored is None or metric not in (None, stored.attrs.get("metric")):
+                raise QvizError(
+                    "a session loaded from a file holds results only and cannot sweep: re-create it "
+                    "from the model (qviz.Session(model, data, plan=...).run()) to run sensitivity()"
+                )
+            return Sensitivity.from_frame(stored)
+        table = results.table
+        found = sweep(self._reference, self._quantized, self._eval, list(table.index),
+                      float_layers=list(table.index[~table["quantized"].astype(bool)]),
+                      backend=self.backend, eval_fn=eval_fn, executor=executor,
+                      progress=self.progress if progress is None else progress,
+                      cache_bytes=self.cache_bytes)
+        results.sensitivity = found.to_dataframe()
+        return found
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> pd.DataFrame:
+        """Findings per layer with evidence and a fix (see :mod:`qviz.analysis.diagnosis`),
+        focused on the sensitive layers once sensitivity() has run."""
+        results = self._results()
+        return diagnose(results, results.sensitivity, thresholds)
 
     def undo(self) -> Session:
         """Go back to the plan in force before the last apply()."""

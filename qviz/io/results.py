@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from qviz.capture.probes import PointRecord
+from qviz.capture.qat import Timeline
 from qviz.capture.stats import ActivationStats
 from qviz.errors import QvizError, SessionFileError
 from qviz.io.session_file import read_session_file, write_session_file
@@ -49,6 +50,8 @@ def weight_point(layer: str, rec: dict) -> PointRecord:
     if info["dtype"] == "qint8":
         info["quant_min"], info["quant_max"] = -128, 127
     arrays = {k: rec[f"weight_{k}"] for k in ("scale", "zero_point") if f"weight_{k}" in rec}
+    if "channel_absmax" in rec:  # abs-max of each output channel of the float weight
+        arrays["channel_absmax"] = rec["channel_absmax"]
     return PointRecord(f"{layer}.weight", layer, "weight", stats, info, arrays)
 
 
@@ -58,6 +61,8 @@ class Results:
     summary: dict
     table: pd.DataFrame
     records: dict[str, PointRecord]
+    sensitivity: pd.DataFrame | None = None  # Session.sensitivity()'s frame, metric in .attrs
+    timeline: Timeline | None = None  # Session.from_qat()'s QAT timeline
 
     @classmethod
     def build(cls, *, meta, records, per_layer, weights, order, left_float, summary, types,
@@ -65,8 +70,9 @@ class Results:
         records = dict(records)
         for layer, rec in weights.items():
             if "float_weight" in rec:
-                wp = weight_point(layer, rec)
-                records[wp.name] = wp
+                if "point" not in rec:  # the float weight's histogram is the same after each apply
+                    rec["point"] = weight_point(layer, rec)
+                records[rec["point"].name] = rec["point"]
         rows = []
         for depth, name in enumerate(order):
             row = _row(name, depth, types[name], name not in left_float,
@@ -118,6 +124,11 @@ class Results:
                 "data": {c: [_json_value(v) for v in table[c]] for c in table.columns},
             },
         }
+        if self.sensitivity is not None:
+            manifest["sensitivity"] = _frame_json(self.sensitivity)
+        if self.timeline is not None:
+            manifest["timeline"], timeline_arrays = self.timeline.to_arrays()
+            arrays.update({f"timeline/{k}": v for k, v in timeline_arrays.items()})
         write_session_file(path, manifest, arrays)
 
     @classmethod
@@ -135,12 +146,36 @@ class Results:
                 own = {k[len(prefix):]: v for k, v in arrays.items()
                        if k.startswith(prefix) and not k.startswith(prefix + "stats/")}
                 records[p["name"]] = PointRecord(p["name"], p["layer"], p["role"], stats, p["info"], own)
-            return cls(meta=manifest["meta"], summary=manifest["summary"], table=table, records=records)
+            sensitivity = _json_frame(manifest["sensitivity"]) if "sensitivity" in manifest else None
+            timeline = Timeline.from_arrays(manifest["timeline"], {
+                k[len("timeline/"):]: v for k, v in arrays.items() if k.startswith("timeline/")
+            }) if "timeline" in manifest else None
+            return cls(meta=manifest["meta"], summary=manifest["summary"], table=table, records=records,
+                       sensitivity=sensitivity, timeline=timeline)
         except (KeyError, TypeError, ValueError) as exc:
             raise SessionFileError(
                 f"{path} is a qviz session file but its content is inconsistent ({type(exc).__name__}: "
                 f"{exc}); it was damaged or written by another tool: re-create it with session.save()"
             ) from exc
+
+
+def _frame_json(frame: pd.DataFrame) -> dict:
+    """A frame indexed by layer, and its ``attrs["metric"]``, as manifest JSON."""
+    return {
+        "metric": frame.attrs.get("metric"),
+        "index": [str(i) for i in frame.index],
+        "columns": list(frame.columns),
+        "dtypes": [str(t) for t in frame.dtypes],
+        "data": {c: [_json_value(v) for v in frame[c]] for c in frame.columns},
+    }
+
+
+def _json_frame(doc: dict) -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(doc["data"][c], dtype=d)
+                          for c, d in zip(doc["columns"], doc["dtypes"], strict=True)})
+    frame.index = pd.Index(doc["index"], name="layer")
+    frame.attrs["metric"] = doc["metric"]
+    return frame
 
 
 def _json_value(v):
