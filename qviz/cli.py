@@ -1,4 +1,6 @@
-"""The ``qviz`` command line: ``qviz demo`` prints the per-layer table of the embedded demo."""
+"""The ``qviz`` command line: ``qviz demo`` prints the per-layer table of the embedded demo;
+``qviz serve PATH`` / ``qviz serve --demo`` serves the interactive app; ``qviz report PATH -o OUT``
+writes the HTML report of a session file."""
 
 from __future__ import annotations
 
@@ -45,6 +47,28 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from qviz.ui.serve import free_port, serve, session_factory
+
+    if (args.path is None) == (not args.demo):
+        raise QvizError("give a session file (qviz serve run.qviz) or --demo, not both")
+    factory = session_factory(args.path, demo=args.demo)
+    port = args.port or free_port(args.address)
+    print(f"qviz: serving {'the demo' if args.demo else args.path} at http://{args.address}:{port}/ "
+          "(Ctrl-C to stop)", flush=True)
+    serve(factory, port=port, address=args.address, show=not args.no_show, verbose=False)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from qviz.report import write_report
+    from qviz.session import load
+
+    path = write_report(load(args.path), args.output)
+    print(f"qviz: wrote the report {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.set_defaults(func=_cmd_demo)
+    srv = sub.add_parser("serve", help="serve the interactive app for a session file or the demo")
+    srv.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
+    srv.add_argument("--demo", action="store_true", help="serve the embedded demo (a fresh session per visitor)")
+    srv.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
+    srv.add_argument("--address", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--no-show", action="store_true", help="do not open a browser")
+    srv.set_defaults(func=_cmd_serve)
+    rep = sub.add_parser("report", help="write the HTML report (one self-contained file) of a session file")
+    rep.add_argument("path", help="a session file written by session.save() / qviz demo --save")
+    rep.add_argument("-o", "--output", required=True, metavar="OUT", help="the HTML file to write, e.g. report.html")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 

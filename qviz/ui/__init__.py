@@ -1,0 +1,26 @@
+"""qviz's interactive views: state (param only), views (Panel), the app, notebook and server transports.
+
+Names load lazily, so ``qviz.ui.state`` imports without Panel.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DashboardState": "qviz.ui.state",
+    "build_app": "qviz.ui.app",
+    "build_dashboard": "qviz.ui.app",
+    "serve": "qviz.ui.serve",
+    "session_factory": "qviz.ui.serve",
+    "show": "qviz.ui.widget",
+    "widget": "qviz.ui.widget",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qviz.ui' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""The dashboard: every view over one :class:`DashboardState`, as a plain layout (notebooks,
+ipywidgets) or under a "qviz" header bar (served apps).
+
+Served apps use a plain layout rather than a template: a Panel template costs about a second
+of browser CPU on first render (FastListTemplate's design also links a Google font, an error
+and a stall where there is no internet), and first render is the number to keep low.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import panel as pn
+from panel.viewable import Viewer
+
+from qviz.ui.state import DashboardState
+from qviz.ui.views import ConfigEditor, DepthChart, LayerTable, LayerView, MessageView, SummaryView
+
+log = logging.getLogger(__name__)
+
+TITLE = "qviz"
+
+
+class Dashboard(Viewer):
+    """All views of one session, linked through one state."""
+
+    def __init__(self, session, **params):
+        super().__init__(**params)
+        self.state = DashboardState(session)
+        self.messages = MessageView(state=self.state)
+        self.summary = self._build("the model figures", SummaryView)
+        self.table = self._build("the layer table", LayerTable)
+        self.depth = self._build("the error-along-depth chart", DepthChart)
+        self.layer = self._build("the layer view", LayerView)
+        self.editor = self._build("the config editor", ConfigEditor) if self.state.can_apply else None
+
+    def _build(self, what: str, cls):
+        """A view, or an Alert saying why it could not be built (the others still work)."""
+        try:
+            return cls(state=self.state)
+        except Exception as exc:  # noqa: BLE001 - one broken view must not take the app down
+            log.exception("qviz: could not build %s", what)
+            self.state.notify(f"could not build {what}: {type(exc).__name__}: {exc}", "danger")
+            return pn.pane.Alert(f"{what} is unavailable: {type(exc).__name__}: {exc}", alert_type="danger")
+
+    def sections(self) -> list:
+        """The dashboard's parts, top to bottom."""
+        left = [pn.pane.Markdown("### Layers", margin=(0, 10)), self.table, self.depth]
+        if self.editor is not None:
+            left += [pn.pane.Markdown("### Change this layer", margin=(0, 10)), self.editor]
+        right = [pn.pane.Markdown("### Selected layer", margin=(0, 10)), self.layer]
+        return [self.summary, self.messages,
+                pn.Row(pn.Column(*left, sizing_mode="stretch_width"), pn.Column(*right, sizing_mode="stretch_width"),
+                       sizing_mode="stretch_width")]
+
+    def __panel__(self):
+        return pn.Column(*self.sections(), sizing_mode="stretch_width")
+
+    def page(self) -> pn.Column:
+        """The served page: a "qviz" header bar above the dashboard (a plain layout)."""
+        header = pn.pane.HTML(f"<span style='font-size: 1.5em'>{TITLE}</span>", sizing_mode="stretch_width",
+                              styles={"background": "#4c78a8", "color": "white", "padding": "8px 16px"},
+                              margin=0)
+        page = pn.Column(header, *self.sections(), sizing_mode="stretch_width", name=TITLE)
+        page.dashboard = self  # tests and callers reach the state through the page
+        return page
+
+
+def build_dashboard(session) -> Dashboard:
+    """The linked views of ``session`` as a plain Panel layout."""
+    return Dashboard(session)
+
+
+def build_app(session):
+    """The served app of ``session``: the dashboard under a "qviz" header (serve with title="qviz")."""
+    return Dashboard(session).page()

@@ -1,0 +1,181 @@
+"""Pure plotly figure builders: plain data in (frames, point records), ``go.Figure`` out.
+
+No Panel and no state here, so each figure is testable on its own and reusable by the HTML
+report. Shapes carry a ``name`` ("representable range", "grid", "selected", "threshold") so
+tests and callers can find them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+#: SQNR colour thresholds (dB): red below RED, amber below AMBER, green above.
+RED_DB, AMBER_DB = 20.0, 30.0
+RED, AMBER, GREEN = "#d62728", "#ff9f1c", "#2ca02c"
+IN_RANGE, CLIPPED = "#4c78a8", "#d62728"
+BAND, TAIL = "rgba(44,160,44,0.13)", "rgba(214,39,40,0.18)"
+MAX_BARS, MAX_GRID_LINES = 200, 64
+_PER_TENSOR = ("per_tensor_affine", "per_tensor_symmetric")
+
+
+def sqnr_color(value: float) -> str | None:
+    """Red / amber / green for an SQNR in dB; None when it is not a number."""
+    if value is None or not np.isfinite(value):
+        return None
+    return RED if value < RED_DB else AMBER if value < AMBER_DB else GREEN
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+    fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 14}}, height=height,
+                      margin={"l": 55, "r": 15, "t": 40, "b": 45}, template="plotly_white",
+                      legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
+    return fig
+
+
+def message_figure(title: str, text: str, height: int = 320) -> go.Figure:
+    """An empty figure that says why there is nothing to draw."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font={"size": 13, "color": "#666"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height)
+
+
+# -- error along depth ----------------------------------------------------------------------------
+def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
+    """local_sqnr and output_sqnr per layer in depth order (x: layer names), selected layer marked."""
+    ordered = table.sort_values("depth")
+    layers = [str(n) for n in ordered.index]
+    fig = go.Figure()
+    for column, label, color in (("local_sqnr", "local SQNR", "#9467bd"), ("output_sqnr", "output SQNR", "#1f77b4")):
+        values = [None if not np.isfinite(v) else float(v) for v in ordered[column].astype(float)]
+        fig.add_trace(go.Scatter(
+            x=layers, y=values, name=label, mode="lines+markers", customdata=layers,
+            line={"color": color}, marker={"size": 8 if len(layers) <= 60 else 5},
+            hovertemplate="%{x}<br>" + label + " %{y:.2f} dB<extra></extra>"))
+    shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y,
+               "name": "threshold", "layer": "below",
+               "line": {"color": RED if y == RED_DB else AMBER, "width": 1, "dash": "dot"}}
+              for y in (RED_DB, AMBER_DB)]
+    if selected in layers:
+        shapes.append({"type": "line", "xref": "x", "x0": selected, "x1": selected, "yref": "paper", "y0": 0,
+                       "y1": 1, "name": "selected", "line": {"color": "#444", "width": 2, "dash": "dash"}})
+    fig.update_layout(shapes=shapes)  # at once: add_shape re-validates every shape on each call
+    fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
+    fig.update_yaxes(title_text="SQNR (dB)")
+    fig.update_layout(clickmode="event", hovermode="closest")
+    return _layout(fig, "Error along depth (click a point to select its layer)")
+
+
+# -- histogram ------------------------------------------------------------------------------------
+def display_bins(counts: np.ndarray, edges: np.ndarray, max_bars: int = MAX_BARS,
+                 cuts=()) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) for display: cropped to the non-empty bins, k adjacent bins merged
+    (k = ceil(n / max_bars)), and split at each of ``cuts`` inside the data (e.g. the range
+    limits, so that a bar is either inside or outside the range), a split bin's count shared
+    out as if its values were uniform in it. Counts always sum to the total."""
+    counts = np.asarray(counts)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return np.zeros(0), np.zeros(1)
+    a, b = nz[0], nz[-1] + 1
+    n = b - a
+    k = max(1, math.ceil(n / max_bars))
+    m = math.ceil(n / k)
+    width = float(edges[1] - edges[0])
+    coarse = float(edges[a]) + np.arange(m + 1) * (k * width)
+    inner = [float(c) for c in cuts if coarse[0] < c < coarse[-1]]
+    out_edges = np.unique(np.concatenate([coarse, inner])) if inner else coarse
+    cdf = np.concatenate([[0.0], np.cumsum(counts[a:b], dtype=np.float64)])
+    fine = float(edges[a]) + np.arange(n + 1) * width
+    return np.diff(np.interp(out_edges, fine, cdf)), out_edges
+
+
+def quant_range(record) -> tuple[float, float] | None:
+    """[(qmin - zp) * scale, (qmax - zp) * scale] for a per-tensor point, None otherwise."""
+    info, arrays = record.info, record.arrays
+    scale = np.asarray(arrays.get("scale", []), dtype=np.float64).reshape(-1)
+    zp = np.asarray(arrays.get("zero_point", []), dtype=np.float64).reshape(-1)
+    if scale.size != 1 or zp.size != 1 or "quant_min" not in info or not np.isfinite(scale[0]):
+        return None
+    s, z = float(scale[0]), float(zp[0])
+    return (info["quant_min"] - z) * s, (info["quant_max"] - z) * s
+
+
+def grid_levels(record, max_lines: int = MAX_GRID_LINES) -> np.ndarray:
+    """Values of every k-th quantization level from qmin (k keeps at most ``max_lines`` lines)."""
+    if quant_range(record) is None:
+        return np.zeros(0)
+    info = record.info
+    s = float(np.asarray(record.arrays["scale"]).reshape(-1)[0])
+    z = float(np.asarray(record.arrays["zero_point"]).reshape(-1)[0])
+    qmin, qmax = int(info["quant_min"]), int(info["quant_max"])
+    k = max(1, math.ceil((qmax - qmin + 1) / max_lines))
+    return (np.arange(qmin, qmax + 1, k) - z) * s
+
+
+def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = MAX_BARS) -> go.Figure:
+    """Histogram of the values the point saw (bars from its counts/edges), the representable
+    range as a shaded band, the clipped tails in red, and the quantization grid."""
+    hist = record.stats.histogram
+    title = f"{layer}: output activation ({record.name})"
+    if hist.total == 0:
+        return message_figure(title, "this point saw no finite values during calibration")
+    rng = quant_range(record)
+    counts, edges = display_bins(hist.counts, hist.edges, max_bars, cuts=rng or ())
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    outside = np.zeros(len(counts), dtype=bool) if rng is None else (centers < rng[0]) | (centers > rng[1])
+    keep = counts > 0
+    fig = go.Figure()
+    for mask, name, color in ((~outside, "in range", IN_RANGE), (outside, "clipped", CLIPPED)):
+        mask = mask & keep
+        fig.add_trace(go.Bar(x=centers[mask], y=counts[mask], width=widths[mask], name=name,
+                             marker={"color": color, "line": {"width": 0}},
+                             hovertemplate="%{x:.4g}: %{y:.4~g} values<extra>" + name + "</extra>"))
+    if rng is not None:
+        band = {"type": "rect", "xref": "x", "x0": rng[0], "x1": rng[1], "yref": "paper", "y0": 0, "y1": 1,
+                "fillcolor": BAND, "line": {"width": 0}, "layer": "below", "name": "representable range"}
+        grid = [{"type": "line", "xref": "x", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
+                 "layer": "below", "name": "grid", "line": {"color": "rgba(0,0,0,0.12)", "width": 1}}
+                for x in grid_levels(record).tolist()]
+        tails = [{"type": "rect", "xref": "x", "x0": x0, "x1": x1, "yref": "paper", "y0": 0, "y1": 1,
+                  "fillcolor": TAIL, "line": {"width": 0}, "layer": "below", "name": "clipped region"}
+                 for x0, x1 in ((hist.min, rng[0]), (rng[1], hist.max)) if x0 < x1]
+        fig.update_layout(shapes=[band, *tails, *grid])  # at once: add_shape is quadratic
+        s = float(np.asarray(record.arrays["scale"]).reshape(-1)[0])
+        z = int(np.asarray(record.arrays["zero_point"]).reshape(-1)[0])
+        clip = hist.fraction_outside(*rng)
+        title += f" · scale {s:.4g}, zero point {z}, clipped {clip:.3%}"
+    elif record.role == "dynamic":
+        title += " · dynamic: range computed per batch"
+    elif np.asarray(record.arrays.get("scale", [])).size > 1:
+        title += " · per-channel: no single range to draw"
+    fig.update_layout(barmode="overlay", bargap=0)
+    fig.update_xaxes(title_text="value")
+    fig.update_yaxes(title_text="count", type="log" if log_y else "linear")
+    return _layout(fig, title)
+
+
+# -- per-channel weights ---------------------------------------------------------------------------
+def weight_scale_figure(record, layer: str) -> go.Figure:
+    """The weight point's scale per output channel (a single bar when per-tensor)."""
+    scale = np.asarray(record.arrays.get("scale", []), dtype=np.float64).reshape(-1)
+    title = f"{layer}: weight scale per channel ({record.info.get('qscheme', '')})"
+    if scale.size == 0:
+        return message_figure(title, "no weight scale recorded for this layer")
+    zp = np.asarray(record.arrays.get("zero_point", np.zeros_like(scale)), dtype=np.float64).reshape(-1)
+    if zp.size != scale.size:
+        zp = np.broadcast_to(zp, scale.shape) if zp.size == 1 else np.zeros_like(scale)
+    channels = np.arange(scale.size)
+    fig = go.Figure(go.Bar(x=channels, y=scale, name="scale", customdata=zp, marker={"color": "#72b7b2"},
+                           hovertemplate="channel %{x}<br>scale %{y:.4g}<br>zero point %{customdata}<extra></extra>"))
+    if scale.size > 1 and scale.min() > 0:
+        title += f" · {scale.size} channels, max/min {scale.max() / scale.min():.1f}x"
+    fig.update_xaxes(title_text="output channel")
+    fig.update_yaxes(title_text="scale")
+    return _layout(fig, title, height=260)

@@ -1,0 +1,199 @@
+"""DashboardState: what every view of one dashboard shares (the session, the selected layer,
+the message line, a version counter), as a ``param.Parameterized`` with no Panel import, so the
+same state drives a notebook, a served app, or a test without a browser.
+
+Views read results only through this object (frames and point records: plain data, never torch
+modules) and watch ``selected_layer`` and ``version``: ``version`` goes up whenever the results
+change (after ``apply`` or ``undo``), so every view redraws from the new numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import param
+
+from qviz.errors import QvizError
+
+#: The editor's choices; the names and values of ``LayerConfig`` fields.
+DTYPES = ("int8", "int4", "fp16", "float")
+WEIGHT_SCHEMES = ("per_channel", "per_tensor")
+OBSERVERS = ("minmax", "moving_average", "histogram", "percentile")
+CONFIG_FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range")
+_CONFIG_DEFAULTS = {"dtype": "int8", "weight": "per_channel", "activation": "minmax",
+                    "percentile": 99.99, "reduce_range": False}
+
+#: Numbers shown before/after an edit: the layer's row, then the model's summary.
+COMPARED_COLUMNS = ("dtype", "weight_sqnr", "local_sqnr", "output_sqnr", "scale", "zero_point", "clip_frac")
+COMPARED_SUMMARY = ("output_sqnr", "top1_agreement", "size_bytes")
+
+
+class DashboardState(param.Parameterized):
+    """One dashboard's shared state over one session (one per browser session)."""
+
+    selected_layer = param.Selector(default=None, objects=[], allow_None=True, check_on_set=True, doc="""
+        The layer every view shows; set it from anywhere (table, chart, code) to select it everywhere.""")
+    message = param.String(default="", doc="The last thing worth telling the user ('' when nothing).")
+    message_kind = param.Selector(default="info", objects=["info", "success", "warning", "danger"])
+    version = param.Integer(default=0, doc="Bumped whenever the results change.")
+    busy = param.Boolean(default=False, doc="True while the session re-converts.")
+    last_change = param.Dict(default=None, allow_None=True, doc="""
+        The last apply/undo: {'layer', 'before', 'after', 'summary_before', 'summary_after'}.""")
+
+    def __init__(self, session, **params):
+        super().__init__(**params)
+        self.session = session
+        self._history: list = []  # plans before each apply, for undo
+        self._table = self._summary = self._points = None
+        self.refresh()
+
+    # -- results ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read the session's results, keep the selection if the layer still exists, bump version."""
+        self._table = self.session.to_dataframe()
+        self._summary = self.session.summary()
+        self._points = self.session.points()
+        layers = list(self._table.index)
+        current = self.selected_layer if self.selected_layer in layers else (layers[0] if layers else None)
+        with param.parameterized.batch_call_watchers(self):
+            self.param.selected_layer.objects = layers
+            self.selected_layer = current
+            self.version += 1
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The per-layer frame (``session.to_dataframe()`` at the current version)."""
+        return self._table
+
+    @property
+    def summary(self) -> dict:
+        return self._summary
+
+    @property
+    def points(self) -> pd.DataFrame:
+        return self._points
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._table.index)
+
+    def row(self, layer: str) -> pd.Series:
+        return self._table.loc[layer]
+
+    def activation_point(self, layer: str) -> str | None:
+        """Name of the layer's output activation point ("output", else "dynamic"); None if none."""
+        p = self._points
+        for role in ("output", "dynamic"):
+            hits = p.index[(p["layer"] == layer) & (p["role"] == role)]
+            if len(hits):
+                return hits[0]
+        return None
+
+    def weight_point(self, layer: str) -> str | None:
+        """Name of the layer's weight point, None if it has none."""
+        p = self._points
+        hits = p.index[(p["layer"] == layer) & (p["role"] == "weight")]
+        return hits[0] if len(hits) else None
+
+    def record(self, point: str):
+        return self.session.record(point)
+
+    # -- messages --------------------------------------------------------------------------------
+    def notify(self, text: str, kind: str = "info") -> None:
+        with param.parameterized.batch_call_watchers(self):
+            self.message_kind = kind
+            self.message = text
+
+    def clear_message(self) -> None:
+        self.message = ""
+
+    # -- editing (needs Session.apply / Session.plan) --------------------------------------------
+    @property
+    def can_apply(self) -> bool:
+        """True when the session can re-convert with new choices (a live session with apply)."""
+        return hasattr(self.session, "apply") and bool(getattr(self.session, "can_apply", False))
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._history)
+
+    @property
+    def plan(self):
+        return getattr(self.session, "plan", None)
+
+    def layer_config(self, layer: str) -> dict:
+        """The layer's current choices as the editor's fields (defaults where the plan says nothing)."""
+        plan = self.plan
+        config = None
+        if plan is not None:
+            try:
+                config = plan[layer]
+            except (KeyError, TypeError):
+                config = None
+        values = {f: getattr(config, f, None) for f in CONFIG_FIELDS}
+        return {f: _CONFIG_DEFAULTS[f] if v is None else v for f, v in values.items()}
+
+    def plan_code(self) -> str:
+        """The plan as runnable code for the session's flow ('' without a plan)."""
+        plan = self.plan
+        if plan is None or not hasattr(plan, "to_code"):
+            return ""
+        meta = getattr(getattr(self.session, "results", None), "meta", None) or {}
+        flow = meta.get("flow")
+        return plan.to_code(flow=flow) if flow in ("fx", "eager", "dynamic") else plan.to_code()
+
+    def apply(self, changes: dict) -> bool:
+        """``session.apply(changes)`` ({layer: {field: value}}); a QvizError becomes the message."""
+        if not self.can_apply:
+            self.notify("this session cannot re-convert (it was loaded from a file, or has no model)", "warning")
+            return False
+        previous = copy.deepcopy(self.plan)
+        return self._run(lambda: self.session.apply(changes), next(iter(changes), None),
+                         previous, f"applied {_describe(changes)}")
+
+    def undo(self) -> bool:
+        """Re-apply the plan in force before the last apply."""
+        if not self._history:
+            self.notify("nothing to undo", "info")
+            return False
+        previous = self._history.pop()
+        layer = self.last_change["layer"] if self.last_change else self.selected_layer
+        if self._run(lambda: self.session.apply(previous), layer, None, "undone: back to the previous plan"):
+            return True
+        self._history.append(previous)
+        return False
+
+    def _run(self, action, layer, previous_plan, success: str) -> bool:
+        before = self._snapshot(layer)
+        self.busy = True
+        try:
+            action()
+        except QvizError as exc:
+            self.notify(str(exc), "danger")
+            return False
+        finally:
+            self.busy = False
+        if previous_plan is not None:
+            self._history.append(previous_plan)
+        self.refresh()
+        after = self._snapshot(layer)
+        with param.parameterized.batch_call_watchers(self):
+            self.last_change = {"layer": layer, "before": before[0], "after": after[0],
+                                "summary_before": before[1], "summary_after": after[1]}
+            self.notify(success, "success")
+        return True
+
+    def _snapshot(self, layer) -> tuple[dict, dict]:
+        row = self._table.loc[layer] if layer in self._table.index else {}
+        return ({c: _plain(row.get(c, math.nan)) for c in COMPARED_COLUMNS},
+                {k: _plain(self._summary.get(k, math.nan)) for k in COMPARED_SUMMARY})
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _describe(changes: dict) -> str:
+    return "; ".join(f"{layer}: " + ", ".join(f"{k}={v}" for k, v in c.items()) for layer, c in changes.items())

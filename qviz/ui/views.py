@@ -1,0 +1,395 @@
+"""The dashboard's views: ``pn.viewable.Viewer`` classes that read only a :class:`DashboardState`.
+
+Each view builds its widgets and panes once and updates them in place when the state's
+``selected_layer`` or ``version`` changes, so selecting a layer anywhere (table row, chart
+point, code) selects it everywhere. A view that fails to draw says so in the state's message
+(shown as an Alert by the app) and draws a placeholder: the rest keeps working.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
+from panel.viewable import Viewer
+
+from qviz.ui import figures
+from qviz.ui.state import (
+    COMPARED_COLUMNS,
+    COMPARED_SUMMARY,
+    DTYPES,
+    OBSERVERS,
+    WEIGHT_SCHEMES,
+    DashboardState,
+)
+
+log = logging.getLogger(__name__)
+
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+_SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
+_CELL_COLORS = {figures.RED: "#f8d7da", figures.AMBER: "#fff3cd", figures.GREEN: "#d1e7dd"}
+
+
+def select(state: DashboardState, layer) -> None:
+    """Select ``layer`` in every view at once (one held update); unknown layers are ignored."""
+    if layer is None or layer == state.selected_layer or layer not in state.param.selected_layer.objects:
+        return
+    with pn.io.hold():
+        state.selected_layer = layer
+
+
+class _StateView(Viewer):
+    state = param.ClassSelector(class_=DashboardState, doc="The dashboard state this view reads.")
+
+    def _guard(self, what: str, draw, fallback):
+        """``draw()``; on an exception, the message says what failed and ``fallback()`` is drawn."""
+        try:
+            return draw()
+        except Exception as exc:  # noqa: BLE001 - one view failing must not take the app down
+            log.exception("qviz: could not draw %s", what)
+            self.state.notify(f"could not draw {what}: {type(exc).__name__}: {exc}", "danger")
+            return fallback()
+
+
+# -- messages --------------------------------------------------------------------------------------
+class MessageView(_StateView):
+    """The state's message as an Alert (hidden while there is none), with a dismiss button."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.alert = pn.pane.Alert(self._text(), alert_type=self.state.message_kind,
+                                   sizing_mode="stretch_width", margin=(0, 5))
+        self.dismiss = pn.widgets.Button(label="✕", color="light", width=40, margin=(5, 5))
+        self.dismiss.on_click(lambda _: self.state.clear_message())
+        self._layout = pn.Row(self.alert, self.dismiss, visible=bool(self.state.message),
+                              sizing_mode="stretch_width")
+        self.state.param.watch(self._update, ["message", "message_kind"])
+
+    def _text(self) -> str:
+        return self.state.message.replace("<", "&lt;")
+
+    def _update(self, *_):
+        self.alert.param.update(object=self._text(), alert_type=self.state.message_kind)
+        self._layout.visible = bool(self.state.message)
+
+    def __panel__(self):
+        return self._layout
+
+
+# -- model-level figures ----------------------------------------------------------------------------
+class SummaryView(_StateView):
+    """Model-level figures: output SQNR (coloured by the thresholds), top-1 agreement, size vs float."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        common = {"font_size": "26pt", "title_size": "11pt", "nan_format": "n/a", "margin": (0, 20)}
+        self.sqnr = pn.indicators.Number(label="output SQNR", format="{value:.2f} dB", colors=[
+            (figures.RED_DB, figures.RED), (figures.AMBER_DB, figures.AMBER), (math.inf, figures.GREEN)], **common)
+        self.top1 = pn.indicators.Number(label="top-1 agreement", format="{value:.2f} %", **common)
+        self.size = pn.indicators.Number(label="size vs float", format="{value:.1f} %", **common)
+        self.details = pn.pane.Markdown("", margin=(10, 20), styles={"color": "#555"})
+        self.state.param.watch(self._update, "version")
+        self._update()
+
+    def _update(self, *_):
+        s = self.state.summary
+        size, float_size = s.get("size_bytes", math.nan), s.get("float_size_bytes", math.nan)
+        with pn.io.hold():
+            self.sqnr.value = _number(s.get("output_sqnr"))
+            self.top1.value = _number(s.get("top1_agreement")) * 100
+            self.size.value = 100 * _number(size) / _number(float_size) if float_size else math.nan
+            meta = getattr(getattr(self.state.session, "results", None), "meta", {}) or {}
+            parts = [f"{len(self.state.layers)} layers"]
+            if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
+                parts.append(f"{size / 1024:.1f} KiB quantized, {float_size / 1024:.1f} KiB float")
+            parts += [f"{k} {meta[k]}" for k in ("flow", "backend", "torch") if meta.get(k)]
+            self.details.object = " · ".join(parts)
+
+    def __panel__(self):
+        return pn.Row(self.sqnr, self.top1, self.size, self.details, sizing_mode="stretch_width")
+
+
+def _number(v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+# -- layer table -----------------------------------------------------------------------------------
+def sqnr_cell_style(value) -> str:
+    """CSS for an SQNR cell: red below 20 dB, amber below 30, green above; none when NaN."""
+    color = figures.sqnr_color(_number(value))
+    return f"background-color: {_CELL_COLORS[color]}" if color else ""
+
+
+_FORMATTERS = {
+    **{c: NumberFormatter(format="0.00") for c in _SQNR_COLUMNS},
+    "scale": NumberFormatter(format="0.00000"), "zero_point": NumberFormatter(format="0"),
+    "min": NumberFormatter(format="0.000"), "max": NumberFormatter(format="0.000"),
+    "clip_frac": NumberFormatter(format="0.000%"), "cosine": NumberFormatter(format="0.00000"),
+    "mse": ScientificFormatter(precision=3), "max_abs_err": NumberFormatter(format="0.0000"),
+}
+_TITLES = {"output_sqnr": "output SQNR (dB)", "local_sqnr": "local SQNR (dB)", "weight_sqnr": "weight SQNR (dB)",
+           "clip_frac": "clipped", "zero_point": "zero point"}
+
+
+class LayerTable(_StateView):
+    """Every layer's row of ``to_dataframe()``: sortable, filterable, SQNR cells colour-coded;
+    selecting a row selects the layer."""
+
+    PAGE_SIZE = 15
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        table = self.state.table
+        paged = len(table) > self.PAGE_SIZE  # the browser lays out one page, not every row
+        self.widget = pn.widgets.Tabulator(
+            table, header_filters=True, selectable=1, disabled=True, sortable=True,
+            formatters=dict(_FORMATTERS), titles=dict(_TITLES), frozen_columns=["layer"],
+            pagination="local" if paged else None, page_size=self.PAGE_SIZE if paged else None,
+            layout="fit_data_table", sizing_mode="stretch_width", label="layers")
+        self.widget.style.map(sqnr_cell_style, subset=[c for c in _SQNR_COLUMNS if c in table.columns])
+        self.widget.param.watch(self._on_selection, "selection")
+        self.state.param.watch(self._on_selected, "selected_layer")
+        self.state.param.watch(self._on_version, "version")
+        self._on_selected()
+
+    def _on_selection(self, event):
+        if event.new:
+            select(self.state, self.widget.value.index[event.new[0]])
+
+    def _on_selected(self, *_):
+        layer = self.state.selected_layer
+        index = list(self.widget.value.index)
+        wanted = [index.index(layer)] if layer in index else []
+        if self.widget.selection != wanted:
+            with pn.io.hold():
+                self.widget.selection = wanted
+                if wanted and self.widget.pagination:  # show the page that holds it
+                    self.widget.page = wanted[0] // self.PAGE_SIZE + 1
+
+    def _on_version(self, *_):
+        self._guard("the layer table", lambda: setattr(self.widget, "value", self.state.table), lambda: None)
+        self._on_selected()
+
+    def __panel__(self):
+        return self.widget
+
+
+# -- error along depth -----------------------------------------------------------------------------
+class DepthChart(_StateView):
+    """local and output SQNR along depth; clicking a point selects its layer."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.pane = pn.pane.Plotly(self._figure(), config=_PLOTLY_CONFIG, sizing_mode="stretch_width",
+                                   height=340, name="depth")
+        self.pane.param.watch(self._on_click, "click_data")
+        self.state.param.watch(self._redraw, ["selected_layer", "version"])
+
+    def _figure(self):
+        return self._guard("the error-along-depth chart",
+                           lambda: figures.depth_figure(self.state.table, self.state.selected_layer),
+                           lambda: figures.message_figure("Error along depth", "could not draw this chart"))
+
+    def _redraw(self, *_):
+        self.pane.object = self._figure()
+
+    def _on_click(self, event):
+        points = (event.new or {}).get("points") or []
+        if not points:
+            return
+        point = points[0]
+        layer = point.get("x")
+        if layer not in self.state.layers:  # fall back on the position in the trace
+            i = point.get("pointIndex", point.get("pointNumber"))
+            ordered = list(self.state.table.sort_values("depth").index)
+            layer = ordered[i] if isinstance(i, int) and 0 <= i < len(ordered) else None
+        select(self.state, layer)
+
+    def __panel__(self):
+        return self.pane
+
+
+# -- selected layer: histogram and weights ----------------------------------------------------------
+class LayerView(_StateView):
+    """The selected layer: a one-line card of its numbers, the histogram of its output activation
+    point (range band, clipped tails, grid; log-y toggle) and its per-channel weight scales."""
+
+    log_y = param.Boolean(default=True, doc="Counts on a log scale (tails stay visible).")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.card = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10), name="layer card")
+        self.histogram = pn.pane.Plotly(config=_PLOTLY_CONFIG, sizing_mode="stretch_width", height=330,
+                                        name="histogram")
+        self.weights = pn.pane.Plotly(config=_PLOTLY_CONFIG, sizing_mode="stretch_width", height=270,
+                                      name="weights")
+        self.log_toggle = pn.widgets.Checkbox.from_param(self.param.log_y, label="log-scale counts")
+        self.state.param.watch(self._redraw, ["selected_layer", "version"])
+        self.param.watch(self._redraw_histogram, "log_y")
+        self._redraw()
+
+    def _redraw(self, *_):
+        with pn.io.hold():
+            self.card.object = self._guard("the layer card", self._card, lambda: "")
+            self._redraw_histogram()
+            self.weights.object = self._guard(
+                "the weight chart", self._weight_figure,
+                lambda: figures.message_figure("weights", "could not draw this chart", 260))
+
+    def _redraw_histogram(self, *_):
+        self.histogram.object = self._guard(
+            "the histogram", self._histogram_figure,
+            lambda: figures.message_figure("histogram", "could not draw this chart"))
+
+    def _card(self) -> str:
+        layer = self.state.selected_layer
+        if layer is None:
+            return "No layer selected."
+        r = self.state.row(layer)
+        parts = [f"**{layer}**", str(r.get("type", "")), f"{r.get('dtype', '')} {r.get('qscheme', '')}".strip(),
+                 str(r.get("observer", "")), f"weight {r.get('weight_dtype', '')} {r.get('weight_qscheme', '')}".strip()]
+        parts += [f"{c.split('_')[0]} SQNR {_number(r.get(c)):.2f} dB" for c in _SQNR_COLUMNS
+                  if math.isfinite(_number(r.get(c)))]
+        return " · ".join(p for p in parts if p)
+
+    def _histogram_figure(self):
+        layer = self.state.selected_layer
+        if layer is None:
+            return figures.message_figure("histogram", "select a layer")
+        point = self.state.activation_point(layer)
+        if point is None:
+            return figures.message_figure(f"{layer}: output activation",
+                                          "no activation point was recorded for this layer")
+        return figures.histogram_figure(self.state.record(point), layer, log_y=self.log_y)
+
+    def _weight_figure(self):
+        layer = self.state.selected_layer
+        point = self.state.weight_point(layer) if layer is not None else None
+        if point is None:
+            return figures.message_figure(f"{layer}: weight", "this layer has no quantized weight", 260)
+        return figures.weight_scale_figure(self.state.record(point), layer)
+
+    def __panel__(self):
+        return pn.Column(self.card, self.log_toggle, self.histogram, self.weights, sizing_mode="stretch_width")
+
+
+# -- config editor (needs Session.apply) ------------------------------------------------------------
+class ConfigEditor(_StateView):
+    """Change the selected layer's quantization choices and re-convert (``session.apply``);
+    before/after of the layer's numbers, Undo, and the plan as code. Only for live sessions
+    whose ``can_apply`` is True."""
+
+    dtype = param.Selector(default="int8", objects=list(DTYPES))
+    weight = param.Selector(default="per_channel", objects=list(WEIGHT_SCHEMES))
+    activation = param.Selector(default="minmax", objects=list(OBSERVERS))
+    percentile = param.Number(default=99.99, bounds=(50, 100), inclusive_bounds=(False, True), step=0.01)
+    reduce_range = param.Boolean(default=False)
+
+    _FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.heading = pn.pane.Markdown("", margin=(0, 10))
+        self.messages = MessageView(state=self.state)  # the outcome of Apply, where the user looks
+        kinds = {"dtype": pn.widgets.RadioButtonGroup, "weight": pn.widgets.RadioButtonGroup,
+                 "activation": pn.widgets.Select, "percentile": pn.widgets.FloatInput,
+                 "reduce_range": pn.widgets.Checkbox}
+        self.widgets = {f: kinds[f].from_param(getattr(self.param, f), label=f.replace("_", " "))
+                        for f in self._FIELDS}
+        self.param.watch(self._toggle_percentile, "activation")
+        self.apply_button = pn.widgets.Button(label="Apply", color="primary")
+        self.undo_button = pn.widgets.Button(label="Undo", color="default")
+        self.apply_button.on_click(lambda _: self.apply())
+        self.undo_button.on_click(lambda _: self.undo())
+        self.compare = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=True,
+                                            sizing_mode="stretch_width", label="before/after")
+        self.code = pn.widgets.CodeEditor(value="", language="python", readonly=True, height=220,
+                                          sizing_mode="stretch_width", label="plan code")
+        self.download = pn.widgets.FileDownload(callback=lambda: io.StringIO(self.state.plan_code()),
+                                                filename="qviz_plan.py", label="Download plan.py",
+                                                color="light")
+        self.state.param.watch(self._load_layer, "selected_layer")
+        self.state.param.watch(self._on_version, "version")
+        self.state.param.watch(self._on_busy, "busy")
+        self.state.param.watch(self._show_change, "last_change")
+        self._load_layer()
+        self._on_version()
+        self._toggle_percentile()
+
+    def _toggle_percentile(self, *_):
+        self.widgets["percentile"].disabled = self.activation != "percentile"
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.can_apply
+
+    def _load_layer(self, *_):
+        layer = self.state.selected_layer
+        self.heading.object = f"Configure **{layer}**" if layer else "Configure"
+        if layer is not None:
+            self.param.update(**self.state.layer_config(layer))
+
+    def _on_version(self, *_):
+        self._load_layer()
+        self.code.value = self._guard("the plan's code", self.state.plan_code, lambda: "")
+        self.undo_button.disabled = not self.state.can_undo
+
+    def _on_busy(self, event):
+        self.apply_button.loading = self.undo_button.loading = event.new
+
+    def changes(self) -> dict:
+        """The fields that differ from the selected layer's current configuration."""
+        current = self.state.layer_config(self.state.selected_layer)
+        return {f: getattr(self, f) for f in self._FIELDS if getattr(self, f) != current[f]}
+
+    def apply(self) -> bool:
+        layer = self.state.selected_layer
+        changes = self.changes()
+        if layer is None or not changes:
+            self.state.notify("nothing to apply: change a choice first", "info")
+            return False
+        with pn.io.hold():
+            return self.state.apply({layer: changes})
+
+    def undo(self) -> bool:
+        with pn.io.hold():
+            return self.state.undo()
+
+    def _show_change(self, *_):
+        change = self.state.last_change
+        if not change:
+            self.compare.value = pd.DataFrame()
+            return
+        rows = {f"{change['layer']}.{c}": (change["before"].get(c), change["after"].get(c)) for c in COMPARED_COLUMNS}
+        rows.update({f"model.{k}": (change["summary_before"].get(k), change["summary_after"].get(k))
+                     for k in COMPARED_SUMMARY})
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=["before", "after"]).astype(object)
+        frame.index.name = "number"
+        self.compare.value = frame.map(_fmt)
+
+    def __panel__(self):
+        controls = []
+        for field, widget in self.widgets.items():
+            if isinstance(widget, pn.widgets.RadioButtonGroup):  # it shows no label of its own
+                controls.append(pn.pane.Markdown(field, margin=(5, 10, 0, 10)))
+            controls.append(widget)
+        return pn.Column(self.heading, *controls, pn.Row(self.apply_button, self.undo_button), self.messages,
+                         pn.pane.Markdown("##### Before / after", margin=(0, 10)), self.compare,
+                         pn.pane.Markdown("##### Plan as code", margin=(0, 10)), self.code, self.download,
+                         visible=self.enabled, sizing_mode="stretch_width")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a headless Debian chromium driven by Playwright for tests marked ``browser``.
+
+Without /usr/bin/chromium (or the playwright package) browser tests are skipped with the reason,
+unless QVIZ_REQUIRE_BROWSER=1 (CI sets it), in which case they fail: CI must not go green by
+skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _missing_browser() -> str | None:
+    """Why browser tests cannot run here, or None when they can."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install playwright)"
+    path = os.environ.get("QVIZ_CHROMIUM", CHROMIUM)
+    if not (os.path.exists(path) or shutil.which(path)):
+        return f"no chromium at {path} (apt-get install chromium, or set QVIZ_CHROMIUM)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """The chromium executable; skips (or fails under QVIZ_REQUIRE_BROWSER=1) when there is none."""
+    reason = _missing_browser()
+    if reason is not None:
+        if os.environ.get("QVIZ_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"QVIZ_REQUIRE_BROWSER=1 but browser tests cannot run: {reason}")
+        pytest.skip(f"browser tests skipped: {reason}")
+    return os.environ.get("QVIZ_CHROMIUM", CHROMIUM)
+
+
+@pytest.fixture(scope="session")
+def chromium(chromium_path):
+    """One headless chromium for the whole run."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class ConsoleLog:
+    """Console errors and uncaught page errors seen by one page."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        page.on("console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+
+
+@pytest.fixture
+def new_page(chromium):
+    """A factory of (page, ConsoleLog) pairs, each page in its own browser context (a browser
+    session of its own); all closed at teardown."""
+    contexts = []
+
+    def make(width: int = 1400, height: int = 1000):
+        context = chromium.new_context(viewport={"width": width, "height": height})
+        context.set_default_timeout(60_000)
+        contexts.append(context)
+        page = context.new_page()
+        return page, ConsoleLog(page)
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """test-artifacts/ at the repository root (gitignored): screenshots for humans."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
