@@ -17,9 +17,11 @@ __all__ = [
     "LSTMClassifier",
     "ResNet",
     "TinyMLP",
+    "TransformerBlock",
     "resnet18",
     "tiny_lstm_classifier",
     "tiny_mlp",
+    "transformer_block",
 ]
 
 
@@ -162,3 +164,32 @@ def tiny_lstm_classifier(
 ) -> LSTMClassifier:
     """An :class:`LSTMClassifier`, the target for dynamic quantization (LSTM and Linear)."""
     return LSTMClassifier(input_size, hidden_size, num_classes, num_layers)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: LayerNorm, multi-head self-attention (``qkv`` and ``proj``
+    Linear layers), LayerNorm, GELU MLP (``fc1``, ``fc2``), residual adds; input (N, T, dim).
+    Written with plain tensor ops, so FX and ``torch.export`` trace it."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, hidden: int = 128):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(self.ln1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+def transformer_block(dim: int = 64, heads: int = 4, hidden: int = 128) -> TransformerBlock:
+    """A :class:`TransformerBlock`: attention + MLP + LayerNorm, the shape of an LLM layer."""
+    return TransformerBlock(dim, heads, hidden)

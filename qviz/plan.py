@@ -788,7 +788,7 @@ class Plan(Mapping):
         return out
 
     def to_code(
-        self, flow: str = "fx", fixed_qparams: Mapping[str, tuple[float, int]] | None = None
+        self, flow: str = "fx", fixed_qparams: Mapping[str, tuple[float, int]] | None = None, **options
     ) -> str:
         """Runnable Python, importing torch only, that rebuilds this plan's qconfigs.
 
@@ -799,8 +799,15 @@ class Plan(Mapping):
         recorded them) to pin them with FixedQParamsObserver; otherwise the code uses a
         MinMaxObserver and says so. In FX, a layer whose input is not quantized yet (the
         model input, say) observes that input with its activation observer too, so a
-        fixed observer pins the input's qparams as well.
+        fixed observer pins the input's qparams as well. flow "torchao": an ``FqnToConfig``
+        for ``quantize_`` (``options``: ``scheme``, ``group_size``, as the session's).
         """
+        if flow == "torchao":
+            from qviz.flows.torchao_flow import torchao_code
+
+            return torchao_code(self, **options)
+        if options:
+            raise ConfigError(f"to_code options {_choices(options)} apply to flow 'torchao' only")
         if not (isinstance(flow, str) and flow in _CODE_FLOWS):
             _check_choice("flow", flow, _CODE_FLOWS)
         qflow = "dynamic" if flow == "dynamic" else "static"

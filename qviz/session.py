@@ -22,11 +22,12 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
 from qviz.analysis.diagnosis import Thresholds, diagnose
+from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.search import search
 from qviz.analysis.sensitivity import Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
-from qviz.flows import make_flow, quantized_engine
+from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import as_args
 from qviz.flows.eager import detect_fusion_groups
 from qviz.io.results import Results
@@ -102,13 +103,22 @@ class Session:
         qconfig_mapping=None,
         fuse="auto",
         dynamic_dtype: str = "int8",
+        scheme: str | None = None,
+        group_size: int | None = 32,
+        quantizer=None,
         progress: bool = True,
         cache_bytes: int = 512 * 2**20,
+        latency: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        options = {"eager": {"qconfig": qconfig, "fuse": fuse}, "fx": {"qconfig_mapping": qconfig_mapping},
-                   "dynamic": {"dtype": dynamic_dtype}}
+        options = {
+            "eager": {"qconfig": qconfig, "fuse": fuse},
+            "fx": {"qconfig_mapping": qconfig_mapping},
+            "dynamic": {"dtype": dynamic_dtype},
+            "pt2e": {"quantizer": quantizer},
+            "torchao": {"scheme": scheme, "group_size": 0 if group_size is None else group_size},
+        }
         self.flow = make_flow(flow, backend, **options.get(flow, {}))
         self.backend = backend
         self._model = model
@@ -121,15 +131,18 @@ class Session:
             raise ConfigError("give either plan= or qconfig/qconfig_mapping, not both")
         self.plan = plan
         self._user_qconfigs = qconfig if qconfig is not None else qconfig_mapping
+        if quantizer is not None:  # a PT2E quantizer of the user's: qviz does not own the configs
+            self._user_qconfigs = quantizer
         self.progress = progress
         self.cache_bytes = cache_bytes
+        self.latency = latency
         self.results: Results | None = None
         self._history: list[Plan] = []
 
     # -- running -------------------------------------------------------------------------------
     def run(self) -> Session:
         """Prepare, calibrate with capture, convert and compare; returns ``self``."""
-        with quiet_torch(), quantized_engine(self.backend):
+        with quiet_torch(say_deprecation=self.flow.name in TORCH_AO_FLOWS), quantized_engine(self.backend):
             self._configure_from_plan()
             observed = self.flow.prepare(self._model, self._example)
             points = self.flow.quant_points(observed)
@@ -144,7 +157,7 @@ class Session:
                     describe(records[p.name], p.module)
             self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
-            layers, left_float = find_layers(quantized, reference)
+            layers, left_float = getattr(self.flow, "find_layers", find_layers)(quantized, reference)
             self._reference, self._quantized, self._records = reference, quantized, records
             self._layers, self._left_float = layers + left_float, left_float
             self._comparator = Comparator(
@@ -154,6 +167,7 @@ class Session:
             self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
             self._float_size = serialized_size(self._model)
+            self._float_latency_ms = median_latency_ms(reference, self._eval[0]) if self.latency else None
             self._init_plan()
             self.results = self._build_results()
         self._warn_left_float(left_float)
@@ -175,6 +189,8 @@ class Session:
 
     def _configure_from_plan(self) -> None:
         """A plan given to the constructor drives the first conversion (FX and eager)."""
+        if self.plan is not None and hasattr(self.flow, "use_plan"):
+            self.flow.use_plan(self.plan)
         if self.plan is None or self.flow.name not in ("fx", "eager"):
             return
         if self.flow.name == "fx":
@@ -187,6 +203,9 @@ class Session:
     def _init_plan(self) -> None:
         """The plan in force: the given one (float layers applied now), or the backend default."""
         self._owns_qconfigs = self._user_qconfigs is None and not self._handed_over()
+        if self.plan is None and hasattr(self.flow, "default_plan"):
+            self.plan = self._run_plan = self.flow.default_plan(self._layers, self._left_float)
+            return
         if self.plan is None:
             groups = tuple(g for g in detect_fusion_groups(self._model, warn=False) if g[0] in self._layers)
             self.plan = Plan.default(self._layers, self.backend, groups)
@@ -210,15 +229,19 @@ class Session:
         summary["float_size_bytes"] = self._float_size
         summary["nonfinite"] = sum(r.stats.nonfinite for r in self._records.values())
         summary["left_float"] = list(self._left_float)
+        if self._float_latency_ms is not None:  # opt-in: Session(..., latency=True)
+            summary["float_latency_ms"] = self._float_latency_ms
+            summary["latency_ms"] = median_latency_ms(self._quantized, self._eval[0])
         float_layers = [n for n in self._layers if n in self._left_float
                         or (self.plan is not None and n in self.plan and self.plan[n].dtype == "float")]
         return Results.build(
             meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__,
-                  "qviz": __version__},
+                  "qviz": __version__, **getattr(self.flow, "meta", {})},
             records=self._records, per_layer=self._per_layer,
             weights={n: w for n, w in self._weights.items() if n not in float_layers},
             order=self._comparator.order, left_float=float_layers, summary=summary,
-            types={n: type(self._quantized.get_submodule(n)).__name__ for n in self._layers},
+            types={n: getattr(m := self._quantized.get_submodule(n), "layer_type", type(m).__name__)
+                   for n in self._layers},
             simulated=[n for n in self._layers if self.plan is not None and n in self.plan
                        and self.plan[n].simulated],
         )
@@ -227,8 +250,8 @@ class Session:
     @property
     def can_apply(self) -> bool:
         """True when this session holds models and owns the qconfigs, so apply() can work."""
-        return (self.results is not None and self._model is not None and self.flow.name in ("fx", "eager")
-                and self._owns_qconfigs)
+        return (self.results is not None and self._model is not None and (self.flow.name in ("fx", "eager")
+                or hasattr(self.flow, "rebuild") or hasattr(self.flow, "reconvert")) and self._owns_qconfigs)
 
     def apply(self, changes) -> Session:
         """Change some layers' configs (a Plan, or {layer: {field: value}}) and re-convert live.
@@ -258,8 +281,8 @@ class Session:
             return "this session has not run yet: call session.run() first"
         if self._model is None:
             return "a session loaded from a file holds results only: re-create it from the model to apply plans"
-        if self.flow.name not in ("fx", "eager"):
-            return f"apply() works with flow='fx' or 'eager', not {self.flow.name!r}"
+        if not (self.flow.name in ("fx", "eager") or hasattr(self.flow, "rebuild") or hasattr(self.flow, "reconvert")):
+            return f"apply() works with flow='fx', 'eager', 'pt2e' or 'torchao', not {self.flow.name!r}"
         return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
                 "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
 
@@ -267,13 +290,19 @@ class Session:
         changed = self.plan.diff(target)
         if not changed:
             return
-        target.check({n: self._reference.get_submodule(n) for n in changed})
+        modules = {n: self._reference.get_submodule(n) for n in changed}
+        if hasattr(self.flow, "check_plan"):
+            self.flow.check_plan(target, modules)
+        else:
+            target.check(modules)
         # FX decides where quantize/dequantize go around float layers: let it convert again
         structural = self.flow.name == "fx" and any(
             (target[n].dtype == "float") != (self.plan[n].dtype == "float") for n in changed
         )
         previous = {}
-        if structural:
+        if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
+            quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
+        elif structural:
             quantized = self._reconvert_fx(target)
         else:
             quantized = self._quantized
@@ -297,6 +326,7 @@ class Session:
         self._per_layer.update(per_layer)
         self._model_figures = figures
         self._history.append(self.plan)
+        self._left_float = [n for n in self._left_float if n not in changed or target[n].dtype == "float"]
         self.plan = target
 
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
@@ -329,6 +359,8 @@ class Session:
         return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)
 
     def _rebuild(self, layer: str, config) -> torch.nn.Module:
+        if hasattr(self.flow, "rebuild"):  # module-swapping flows (torchao) rebuild the layer themselves
+            return self.flow.rebuild(self._reference.get_submodule(layer), config)
         record = self._output_record(layer)
         run_config = self._run_plan[layer]
         if config.dtype == "float":
@@ -355,12 +387,18 @@ class Session:
                            quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
 
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
-               ladder=("int4", "int8", "float")):
+               ladder=("int4", "int8", "float"), callback=None):
         """A mixed-precision plan meeting the target at the least weight size (see
-        :mod:`qviz.analysis.search`); the session is left on its current plan."""
+        :mod:`qviz.analysis.search`); the session is left on its current plan.
+        ``callback(tried, most)`` follows the candidates (a progress bar)."""
         if not self.can_apply:
             raise ConfigError(self._why_no_apply())
-        return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder)
+        history, sweep = list(self._history), self.results.sensitivity
+        try:
+            return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder,
+                          callback=callback)
+        finally:  # back on the starting plan: its undo history and its sweep still hold
+            self._history, self.results.sensitivity = history, sweep
 
     def param_counts(self) -> dict[str, int]:
         """Number of weight values of each layer (BN folded into its conv)."""
@@ -400,11 +438,12 @@ class Session:
         session.results.timeline = timeline
         return session
 
-    def sensitivity(self, *, eval_fn=None, executor=None, progress=None) -> Sensitivity:
+    def sensitivity(self, *, eval_fn=None, executor=None, progress=None, callback=None) -> Sensitivity:
         """What quantizing each layer alone costs, most sensitive first (see
         :mod:`qviz.analysis.sensitivity`): no calibration pass, and the plan and models stay as
         they are. Kept in ``results.sensitivity`` for save() and report(); ``eval_fn(model)``
-        (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers."""
+        (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers;
+        ``callback(done, total)`` follows the layers (a progress bar)."""
         results = self._results()
         if self._model is None:
             metric = None if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
@@ -416,11 +455,15 @@ class Session:
                 )
             return Sensitivity.from_frame(stored)
         table = results.table
+        if hasattr(self.flow, "sensitivity"):  # PT2E graphs have no layer modules to swap
+            found = self.flow.sensitivity(self, eval_fn=eval_fn, progress=self.progress if progress is None else progress)
+            results.sensitivity = found.to_dataframe()
+            return found
         found = sweep(self._reference, self._quantized, self._eval, list(table.index),
                       float_layers=list(table.index[~table["quantized"].astype(bool)]),
                       backend=self.backend, eval_fn=eval_fn, executor=executor,
                       progress=self.progress if progress is None else progress,
-                      cache_bytes=self.cache_bytes)
+                      cache_bytes=self.cache_bytes, callback=callback)
         results.sensitivity = found.to_dataframe()
         return found
 
@@ -471,11 +514,12 @@ class Session:
         """The full record of one quantization point (stats with histogram, qparams arrays)."""
         return self._results().record(point)
 
-    def show(self):
-        """The dashboard, inline in a notebook (see :mod:`qviz.ui`)."""
+    def show(self, compare_with: Session | None = None):
+        """The dashboard, inline in a notebook (see :mod:`qviz.ui`); ``compare_with`` adds a
+        Compare tab with another session beside this one (e.g. PTQ vs QAT)."""
         from qviz.ui.widget import show
 
-        return show(self)
+        return show(self, compare_with=compare_with)
 
     def widget(self):
         """The dashboard as an ipywidgets widget (VS Code, Voila, ipywidgets layouts)."""

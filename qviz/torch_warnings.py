@@ -18,14 +18,15 @@ _NOTE = (
 
 
 @contextlib.contextmanager
-def quiet_torch():
-    """Silence torch's deprecation/quantized-tensor warnings inside the block."""
+def quiet_torch(say_deprecation: bool = False):
+    """Silence torch's deprecation/quantized-tensor warnings inside the block; with
+    ``say_deprecation`` (a torch.ao flow ran), say once that torch.ao is deprecated."""
     global _said
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*(quantiz|observer|qconfig|TypedStorage).*")
         yield
-    if not _said:
+    if say_deprecation and not _said:
         _said = True
         warnings.warn(_NOTE, FutureWarning, stacklevel=4)

@@ -36,14 +36,45 @@ def _first_tensor(value):
     return value
 
 
+def is_torchao_weight(t) -> bool:
+    """A torchao quantized tensor subclass (Int8Tensor, IntxUnpackedToInt8Tensor, ...)."""
+    return isinstance(t, torch.Tensor) and hasattr(type(t), "tensor_data_names") and hasattr(t, "qdata")
+
+
 def _float(t):
     if not isinstance(t, torch.Tensor):
         return t
+    if is_torchao_weight(t):
+        return t.dequantize()
     return t.dequantize() if t.is_quantized else t.float()
 
 
 def is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(_QUANTIZED_PACKAGES)
+    return type(module).__module__.startswith(_QUANTIZED_PACKAGES) or is_torchao_weight(
+        getattr(module, "weight", None)
+    )
+
+
+def _torchao_weight_info(qw) -> dict:
+    """dtype, scheme, qparams and activation mode of a torchao quantized weight."""
+    dtype = str(getattr(qw, "target_dtype", None) or qw.qdata.dtype).replace("torch.", "")
+    dynamic = getattr(qw, "act_quant_kwargs", None) is not None or getattr(qw, "activation_quantization", None)
+    block = list(qw.block_size)
+    if all(b == s for b, s in zip(block, qw.shape, strict=True)):
+        granularity = "per_tensor"
+    elif block[-1] == qw.shape[-1]:
+        granularity = "per_channel"
+    else:
+        granularity = f"per_group({block[-1]})"
+    zp = getattr(qw, "zero_point", None)
+    symmetric = zp is None or not bool(torch.any(zp != 0))
+    return {
+        "weight_dtype": dtype,
+        "weight_qscheme": f"{granularity}_{'symmetric' if symmetric else 'affine'}",
+        "weight_scale": qw.scale.detach().double().reshape(-1).numpy(),
+        "weight_zero_point": (torch.zeros(1) if zp is None else zp).detach().double().reshape(-1).numpy(),
+        "activation_mode": "dynamic" if dynamic else "weight-only",
+    }
 
 
 def _has_weight(module: nn.Module) -> bool:
@@ -113,7 +144,9 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     packed = getattr(qmodule, "_packed_params", None)
     dtype = getattr(qmodule, "dtype", None) or getattr(packed, "dtype", None) or qw.dtype
     rec = {"weight_sqnr": sqnr(x, y), "weight_dtype": str(dtype).replace("torch.", "")}
-    if qw.is_quantized:
+    if is_torchao_weight(qw):
+        rec.update(_torchao_weight_info(qw))
+    elif qw.is_quantized:
         scheme = qw.qscheme()
         rec["weight_qscheme"] = str(scheme).replace("torch.", "")
         if scheme in (torch.per_channel_affine, torch.per_channel_symmetric):

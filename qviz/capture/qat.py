@@ -46,9 +46,10 @@ from torch import nn
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.capture.histogram import StreamingHistogram
 from qviz.errors import ConfigError, QvizError
-from qviz.flows.base import BACKENDS, is_fake_quant
+from qviz.flows.base import BACKENDS, QuantPoint, is_fake_quant
 from qviz.flows.eager import EagerFlow
 from qviz.flows.fx import FxFlow, is_fx_prepared
+from qviz.flows.torchao_flow import fake_quantizer_range, is_torchao_fake_quantizer
 from qviz.io.session_file import read_session_file, write_session_file
 
 _QUANTITIES = ("scale", "zero_point", "min", "max")
@@ -64,9 +65,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _quant_points(model: nn.Module):
     """Points named and mapped to layers as the flows do (FX via the observed node)."""
+    from qviz.flows.pt2e import is_pt2e_prepared, qat_points
+
+    if is_pt2e_prepared(model):  # prepare_qat_pt2e: aten graph, layers named by nn_module_stack
+        return qat_points(model)
     backend = next(b for b in BACKENDS if b in torch.backends.quantized.supported_engines)
     flow = FxFlow(backend) if is_fx_prepared(model) else EagerFlow(backend)
-    return flow.quant_points(model)
+    return flow.quant_points(model) + _torchao_points(model)
+
+
+def _torchao_points(model: nn.Module) -> list[QuantPoint]:
+    """torchao QAT fake quantizers (``quantize_(model, QATConfig(...))``): scale/zero_point are plain
+    attributes set by their first forward; the activation one quantizes the Linear's input."""
+    roles = {"weight_fake_quantizer": "weight", "activation_fake_quantizer": "input"}
+    points = []
+    for name, module in model.named_modules():
+        if is_torchao_fake_quantizer(module):
+            layer, _, attr = name.rpartition(".")
+            points.append(QuantPoint(name, module, layer, roles.get(attr, "output")))
+    return points
 
 
 def _host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
@@ -121,6 +138,8 @@ class _Point:
         self.quant_min = int(getattr(qp.module, "quant_min", getattr(self.observer, "quant_min", 0)))
         self.quant_max = int(getattr(qp.module, "quant_max", getattr(self.observer, "quant_max", 255)))
         self.ch_axis = int(getattr(qp.module, "ch_axis", getattr(self.observer, "ch_axis", 0)))
+        if fake_quantizer_range(qp.module) is not None:  # torchao: the range of its config's dtype
+            self.quant_min, self.quant_max = fake_quantizer_range(qp.module)
         self.k = 0  # channels, known after the first step
         self.data: dict[str, np.ndarray] = {}
         self.hist: dict[str, np.ndarray] = {}
@@ -143,7 +162,10 @@ class _Point:
         """scale, zero_point, min, max, flags: the buffers a snapshot reads."""
         scale, zp = getattr(self.module, "scale", None), getattr(self.module, "zero_point", None)
         if not (isinstance(scale, torch.Tensor) and isinstance(zp, torch.Tensor)):
-            scale, zp = self.module.calculate_qparams()  # a plain observer keeps no qparams
+            if not hasattr(self.module, "calculate_qparams"):  # torchao: not computed yet (disabled)
+                scale, zp = _NAN, _NAN
+            else:
+                scale, zp = self.module.calculate_qparams()  # a plain observer keeps no qparams
         lo, hi = (getattr(self.observer, a, None) for a in ("min_val", "max_val"))
         lo, hi = (t if isinstance(t, torch.Tensor) and t.numel() else _NAN for t in (lo, hi))
         return [scale, zp, lo, hi, *self.flag_tensors]

@@ -7,19 +7,23 @@ from qviz.flows.base import BACKENDS, Flow, QuantPoint, quantized_engine
 from qviz.flows.dynamic import DynamicFlow
 from qviz.flows.eager import EagerFlow
 from qviz.flows.fx import FxFlow
+from qviz.flows.pt2e import Pt2eFlow
+from qviz.flows.torchao_flow import TorchaoFlow
 
-FLOWS = {"eager": EagerFlow, "fx": FxFlow, "dynamic": DynamicFlow}
-PLANNED_FLOWS = ("pt2e", "torchao")
+FLOWS = {
+    "eager": EagerFlow,
+    "fx": FxFlow,
+    "dynamic": DynamicFlow,
+    "torchao": TorchaoFlow,
+    "pt2e": Pt2eFlow,
+}
+TORCH_AO_FLOWS = ("eager", "fx", "dynamic")  # the deprecated torch.ao.quantization flows
 
-__all__ = ["BACKENDS", "FLOWS", "Flow", "QuantPoint", "make_flow", "quantized_engine"]
+__all__ = ["BACKENDS", "FLOWS", "Flow", "QuantPoint", "TORCH_AO_FLOWS", "make_flow", "quantized_engine"]
 
 
 def make_flow(name: str, backend: str, **options) -> Flow:
     """The flow called ``name``, configured with the options it accepts."""
-    if name in PLANNED_FLOWS:
-        raise ConfigError(
-            f"flow={name!r} is not available in this version of qviz yet: use 'fx' or 'eager'"
-        )
     if name not in FLOWS:
         raise ConfigError(f"unknown flow {name!r}: choose one of {', '.join(FLOWS)}")
     return FLOWS[name](backend, **{k: v for k, v in options.items() if v is not None})

@@ -192,7 +192,8 @@ def _row(name, depth, type_name, quantized, errors, weight, records) -> dict:
     if not quantized:
         dtype, observer = "float", ""
     elif point is not None and point.role == "dynamic":
-        dtype, observer = f"{weight.get('weight_dtype', '')} (dynamic)", "dynamic"
+        mode = weight.get("activation_mode", "dynamic")  # torchao weight-only layers: "weight-only"
+        dtype, observer = f"{weight.get('weight_dtype', '')} ({mode})", mode
     else:
         dtype, observer = info.get("dtype", ""), info.get("observer", "")
     if not quantized:

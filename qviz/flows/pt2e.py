@@ -1,0 +1,641 @@
+"""PT2E: ``torch.export`` + ``prepare_pt2e`` / ``convert_pt2e`` from torchao, X86InductorQuantizer by
+default (``Session(..., flow="pt2e", quantizer=...)`` takes your own).
+
+An exported graph has no layer modules: a conv is an ``aten.conv2d`` node reading a weight
+attribute. qviz finds each weighted op (conv/linear whose weight is a ``get_attr``) and names the
+layer by the float model's module owning that weight (``stem_conv.weight`` -> ``stem_conv``). A
+layer's *group* is its op plus the epilogue the quantizer fuses with it (BN is folded by
+prepare; relu, add, ...), up to the first observed node. Observers map to layers through the
+node they observe (a group output, a weight, a placeholder, or another op named by its
+``nn_module_stack``).
+
+The bridge to :mod:`qviz.analysis.compare` (which hooks modules by name): after each group's
+output node, :func:`_insert_taps` adds a *tap* submodule called by the layer's name, taking
+``(output, *group inputs)``. In the quantized graph the tap returns the output and carries the
+int8 weight read back from the converted graph's dequantize of the frozen weight. In the float
+reference (the observed graph with observers made Identity, so BN is folded like the quantized
+one) the tap recomputes the group in float from its inputs: in place that equals the output, and
+the comparator's shadow call (the reference layer fed the quantized model's inputs) gives
+``local_sqnr``. Taps sit before the output's quantize node, where torchao's numeric debugger logs
+the same node: the output's own rounding shows in the next layer's numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import math
+import warnings
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from qviz.errors import ConfigError, ModelError
+from qviz.flows.base import QuantPoint, check_backend, is_quant_point, neutral_reference
+from qviz.plan import LayerConfig, Plan
+from qviz.whatif import activation_qparams, fix_qparams
+
+INSTALL_HINT = 'flow="pt2e" needs torchao (PT2E lives in torchao.quantization.pt2e): pip install "qviz[torchao]"'
+_EPILOGUE = (
+    "relu",
+    "relu_",
+    "add",
+    "add_",
+    "hardtanh",
+    "hardtanh_",
+    "relu6",
+    "gelu",
+    "silu",
+    "silu_",
+    "hardswish",
+    "hardswish_",
+    "sigmoid",
+)
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """Hide torchao's harmless import noise on CPU ("Failed to load ..._C_mxfp8", pytree notes)."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def torchao_pt2e():
+    """(quantize_pt2e module, x86_inductor_quantizer module), or ConfigError saying what to install."""
+    try:
+        with quiet_torchao():
+            from torchao.quantization.pt2e import quantize_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError as exc:
+        raise ConfigError(f"{INSTALL_HINT} ({exc})") from exc
+    return quantize_pt2e, x86_inductor_quantizer
+
+
+def default_quantizer(layer_configs: dict | None = None):
+    """X86InductorQuantizer with the default static config; ``layer_configs`` maps module names to
+    "float" (left float: a None config) or the reduce_range flag, set with ``set_module_name_qconfig``."""
+    _, x86 = torchao_pt2e()
+    quantizer = x86.X86InductorQuantizer().set_global(
+        x86.get_default_x86_inductor_quantization_config()
+    )
+    for name, choice in (layer_configs or {}).items():
+        config = (
+            None
+            if choice == "float"
+            else x86.get_default_x86_inductor_quantization_config(reduce_range=choice)
+        )
+        quantizer.set_module_name_qconfig(name, config)
+    return quantizer
+
+
+def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
+    """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module."""
+    args = tuple(
+        torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
+        for a in example
+    )  # a batch of 1 would be specialised
+    dims = tuple(
+        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
+        for a in args
+    )
+    try:
+        with quiet_torchao():
+            return torch.export.export(
+                copy.deepcopy(model).eval(), args, dynamic_shapes=dims
+            ).module()
+    except Exception as exc:  # noqa: BLE001 - export fails with many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(
+            f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: {first}. "
+            "Data-dependent control flow, non-tensor outputs and Python side effects stop export: "
+            "rewrite that code with torch.cond / tensor ops (see torch.export's error above), or "
+            "use flow='fx' or flow='eager'"
+        ) from exc
+
+
+def _name(node) -> str:
+    return str(node.target).split(".")[-2] if node.op == "call_function" else ""
+
+
+def _weight_node(node):
+    """The get_attr behind a weight argument (through an observer or a dequantize), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if (
+        node.op in ("call_module", "call_function")
+        and node.args
+        and isinstance(node.args[0], torch.fx.Node)
+    ):
+        if node.op == "call_function" and "dequantize" not in str(node.target):
+            return None
+        node = node.args[0]
+    return node if node.op == "get_attr" else None
+
+
+def _is_anchor(node) -> bool:
+    op = _name(node)
+    return (
+        (op.startswith("conv") or op == "linear")
+        and len(node.args) > 1
+        and _weight_node(node.args[1]) is not None
+    )
+
+
+def _observed(node) -> bool:
+    return any(
+        u.op == "call_module" and "activation_post_process" in str(u.target) for u in node.users
+    )
+
+
+def _leaves(node) -> list:
+    return pytree.tree_flatten((node.args, node.kwargs))[0]
+
+
+class Group:
+    """One layer in the graph: node names (anchor first, output last) and its activation inputs."""
+
+    def __init__(self, layer: str, nodes: list, module_class: type | None):
+        self.layer, self.module_class = layer, module_class
+        self.nodes = [n.name for n in nodes]
+        names = set(self.nodes)
+        self.inputs = []  # (node name, leaf index) of activation inputs from outside the group
+        for k, node in enumerate(nodes):
+            for i, leaf in enumerate(_leaves(node)):
+                if (
+                    not isinstance(leaf, torch.fx.Node)
+                    or leaf.name in names
+                    or _weight_node(leaf) is not None
+                ):
+                    continue
+                if k == 0 and i == 1:  # the weight, even when it is not a plain get_attr
+                    continue
+                self.inputs.append((node.name, i))
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1]
+
+
+def find_groups(observed: torch.fx.GraphModule, model: nn.Module) -> list[Group]:
+    """Every weighted conv/linear of the prepared graph with its epilogue, in graph order."""
+    groups, seen = [], set()
+    for node in observed.graph.nodes:
+        if node.op != "call_function" or not _is_anchor(node):
+            continue
+        target = _weight_node(node.args[1]).target
+        layer = target.rpartition(".")[0] or target
+        if layer in seen:
+            layer = target
+        seen.add(layer)
+        nodes = [node]
+        while not _observed(nodes[-1]) and len(nodes[-1].users) == 1:
+            user = next(iter(nodes[-1].users))
+            if user.op != "call_function" or _name(user) not in _EPILOGUE or _is_anchor(user):
+                break
+            nodes.append(user)
+        try:
+            module_class = type(model.get_submodule(layer))
+        except AttributeError:
+            module_class = None
+        groups.append(Group(layer, nodes, module_class))
+    return groups
+
+
+class QuantizedTap(nn.Module):
+    """Marks a layer's output in the quantized graph; carries its int8 weight (a quantized tensor)."""
+
+    def forward(self, out, *inputs):
+        return out
+
+
+class ReferenceTap(nn.Module):
+    """The layer in float: recomputes the group from its inputs (the shadow of ``local_sqnr``)."""
+
+    def __init__(self, group_module: nn.Module):
+        super().__init__()
+        self.group = group_module
+
+    def forward(self, out, *inputs):
+        return self.group(out, *inputs)
+
+
+def _group_module(gm: torch.fx.GraphModule, group: Group) -> torch.fx.GraphModule:
+    """The group's nodes of ``gm`` as a module of ``(out, *inputs)``, weights read from ``gm``."""
+    graph, env, nodes = torch.fx.Graph(), {}, {n.name: n for n in gm.graph.nodes}
+    graph.placeholder("out")
+    inputs = {key: graph.placeholder(f"input_{i}") for i, key in enumerate(group.inputs)}
+    for name in group.nodes:
+        node = nodes[name]
+        leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.fx.Node):
+                continue
+            if (name, i) in inputs:
+                leaves[i] = inputs[(name, i)]
+            elif leaf.name in env:
+                leaves[i] = env[leaf.name]
+            else:
+                leaves[i] = graph.get_attr(_weight_node(leaf).target)
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        env[name] = graph.create_node(node.op, node.target, args, kwargs, name=name)
+    graph.output(env[group.output])
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _install(gm: torch.fx.GraphModule, name: str, tap: nn.Module) -> None:
+    """Put ``tap`` at ``name``, keeping what a module already there held (weights read by get_attr)."""
+    try:
+        old = gm.get_submodule(name)
+    except AttributeError:
+        old = None
+    if old is not None:
+        for key, value in old._parameters.items():
+            tap.register_parameter(key, value)
+        for key, value in old._buffers.items():
+            tap.register_buffer(key, value)
+        for key, value in old._modules.items():
+            tap.add_module(key, value)
+    gm.add_submodule(name, tap)
+
+
+def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def _quantized_weight(gm: torch.fx.GraphModule, anchor) -> torch.Tensor | None:
+    """The converted graph's int8 weight of ``anchor`` as a torch quantized tensor, or None (float)."""
+    dq = anchor.args[1]
+    if not (
+        isinstance(dq, torch.fx.Node)
+        and dq.op == "call_function"
+        and "dequantize" in str(dq.target)
+    ):
+        return None
+    values = _fetch(gm, dq.args[0].target)
+    arg = [_fetch(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in dq.args[1:]]
+    if "per_channel" in str(dq.target):
+        return torch._make_per_channel_quantized_tensor(
+            values, arg[0].double(), arg[1].long(), arg[2]
+        )
+    return torch._make_per_tensor_quantized_tensor(values, float(arg[0]), int(arg[1]))
+
+
+def _insert_taps(
+    gm: torch.fx.GraphModule, groups: list[Group], reference: bool
+) -> torch.fx.GraphModule:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for group in groups:
+        if group.output not in nodes:
+            raise ModelError(
+                f"layer {group.layer!r}: node {group.output!r} is not in the converted graph"
+            )
+        leaves = {name: _leaves(nodes[name]) for name in group.nodes}
+        inputs = [leaves[name][i] for name, i in group.inputs]
+        if reference:
+            tap = ReferenceTap(_group_module(gm, group))
+        else:
+            tap = QuantizedTap()
+        _install(gm, group.layer, tap)
+        anchor = nodes[group.nodes[0]]
+        if reference:
+            weight = _fetch(gm, _weight_node(anchor.args[1]).target)
+        else:
+            weight = _quantized_weight(gm, anchor)
+            tap.quantized = weight is not None
+            tap.dtype = weight.dtype if weight is not None else torch.float32
+            weight = (
+                weight if weight is not None else _fetch(gm, _weight_node(anchor.args[1]).target)
+            )
+        if "weight" in tap._parameters and tap._parameters["weight"] is not weight:
+            del tap._parameters["weight"]  # a float weight the converted graph no longer reads
+        if "weight" not in tap._parameters:
+            tap.weight = weight.detach()
+        tap.layer_type = (
+            group.module_class.__name__ if group.module_class else _name(nodes[group.nodes[0]])
+        )
+        tap.layer_class = group.module_class
+        with gm.graph.inserting_after(nodes[group.output]):
+            gm.graph.call_module(group.layer, (nodes[group.output], *inputs))
+    gm.recompile()
+    return gm
+
+
+class Pt2eFlow:
+    """``flow="pt2e"``: export, prepare_pt2e under a quantizer, calibrate, convert_pt2e."""
+
+    name = "pt2e"
+    needs_calibration = True
+
+    def __init__(self, backend: str = "x86", quantizer=None):
+        torchao_pt2e()  # fail early, with the install hint
+        self.backend = check_backend(backend)
+        self.quantizer = quantizer
+        self.plan = None
+        self.groups: list[Group] = []
+        self._exported = None
+        self._model = None
+
+    def _quantizer(self, plan):
+        if plan is None:
+            return self.quantizer or default_quantizer()
+        self.check_plan(plan, {})
+        # only layers off the global config are named: X86InductorQuantizer annotates a graph with
+        # module-name configs differently (pooling, flatten) even when they equal the global one
+        return default_quantizer(
+            {
+                n: "float" if c.dtype == "float" else True
+                for n, c in plan.items()
+                if c.dtype == "float" or c.reduce_range
+            }
+        )
+
+    def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
+        """What X86InductorQuantizer's default config does: int8, per-channel symmetric weights,
+        histogram activations, full 8-bit range."""
+        return Plan(
+            self.backend,
+            {
+                n: LayerConfig(dtype="float" if n in left_float else "int8", reduce_range=False)
+                for n in layers
+            },
+        )
+
+    def use_plan(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def check_plan(self, plan: Plan, modules: dict) -> None:
+        """Refuse what the default X86InductorQuantizer cannot express per module name."""
+        default = LayerConfig()
+        problems = []
+        for name, config in plan.items():
+            if config.dtype == "float":
+                continue
+            extra = [
+                f
+                for f in (
+                    "dtype",
+                    "weight",
+                    "weight_symmetric",
+                    "activation",
+                    "activation_symmetric",
+                )
+                if getattr(config, f) != getattr(default, f)
+            ]
+            if extra:
+                problems.append(
+                    f"layer {name!r}: {', '.join(f'{f}={getattr(config, f)!r}' for f in extra)}"
+                )
+        if problems:
+            raise ConfigError(
+                "flow 'pt2e' with X86InductorQuantizer takes dtype 'int8' (histogram activations, "
+                "per-channel symmetric weights, reduce_range True or False) or 'float' per layer; "
+                "not "
+                + "; ".join(problems)
+                + ". Pass your own quantizer (Session(..., quantizer=...)) "
+                "for other schemes"
+            )
+
+    def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
+        quantize_pt2e, _ = torchao_pt2e()
+        self._model = model
+        self._exported = export_model(model, example_inputs)
+        with quiet_torchao():
+            observed = quantize_pt2e.prepare_pt2e(
+                copy.deepcopy(self._exported), self._quantizer(self.plan)
+            )
+        self.groups = find_groups(observed, model)
+        return observed
+
+    def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
+        points, self.sources = self._map_points(observed)
+        return points
+
+    def _map_points(self, observed: nn.Module) -> tuple[list[QuantPoint], dict[str, frozenset]]:
+        """One point per observer module (a SharedQuantizationSpec reuses one observer on several
+        nodes: it is named and mapped by the first), mapped to the layer of the node it observes;
+        and the names of the nodes each point observes."""
+        outputs = {g.output: g.layer for g in self.groups}
+        anchors = {g.nodes[0]: g.layer for g in self.groups}
+        points, sources = {}, {}
+        for node in observed.graph.nodes:
+            if node.op != "call_module" or not is_quant_point(
+                module := observed.get_submodule(node.target)
+            ):
+                continue
+            source = node.args[0]
+            sources.setdefault(id(module), set()).add(source.name)
+            if id(module) in points:
+                continue
+            if source.op == "get_attr":
+                users = [anchors[u.name] for u in node.users if u.name in anchors]
+                layer, role = (users[0] if users else source.target), "weight"
+            elif source.op == "placeholder":
+                layer, role = source.name, "input"
+            elif source.name in outputs:
+                layer, role = outputs[source.name], "output"
+            else:
+                stack = source.meta.get("nn_module_stack") or {}
+                path = list(stack.values())[-1][0] if stack else ""
+                layer, role = path or source.name, "output"
+            points[id(module)] = QuantPoint(node.target, module, layer, role)
+        return list(points.values()), {p.name: frozenset(sources[key]) for key, p in points.items()}
+
+    def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
+        return _insert_taps(neutral_reference(observed, points), self.groups, reference=True)
+
+    def convert(self, observed: nn.Module) -> nn.Module:
+        quantize_pt2e, _ = torchao_pt2e()
+        with quiet_torchao():
+            quantized = quantize_pt2e.convert_pt2e(copy.deepcopy(observed))
+        return _insert_taps(quantized, self.groups, reference=False)
+
+    def find_layers(
+        self, quantized: nn.Module, reference: nn.Module
+    ) -> tuple[list[str], list[str]]:
+        """(layers with an int8 weight, layers left float), in graph order."""
+        layers = [g.layer for g in self.groups]
+        done = [n for n in layers if getattr(quantized.get_submodule(n), "quantized", False)]
+        return done, [n for n in layers if n not in done]
+
+    def reconvert(self, plan, records: dict, initial: dict, calib: list | None = None) -> nn.Module:
+        """prepare_pt2e under ``plan`` and convert_pt2e without calibrating again where possible.
+
+        An observer watching the same nodes as one at calibration gets that observer's qparams
+        (recomputed from its recorded statistics when reduce_range changed); weight observers see
+        their weight. The quantizer may also place an observer that did not exist at calibration
+        (e.g. X86InductorQuantizer quantizes a pooling op on its own once its producer is float):
+        only then does one pass over ``calib`` run, and only those observers' results are used.
+        """
+        quantize_pt2e, _ = torchao_pt2e()
+        with quiet_torchao():
+            observed = quantize_pt2e.prepare_pt2e(
+                copy.deepcopy(self._exported), self._quantizer(plan)
+            )
+        calibrated = {sources: name for name, sources in self.sources.items()}
+        missing, (points, sources) = [], self._map_points(observed)
+        for p in points:
+            if p.role == "weight":
+                source = next(
+                    n for n in observed.graph.nodes if n.op == "call_module" and n.target == p.name
+                )
+                p.module(_fetch(observed, source.args[0].target).detach())
+                continue
+            name = calibrated.get(sources[p.name])
+            if name is None or "scale" not in initial.get(name, {}):
+                missing.append(p)
+                continue
+            record = records[name]
+            if (
+                record.info.get("quant_max") == p.module.quant_max
+            ):  # same range: the calibrated qparams
+                scale, zero_point = (
+                    float(initial[name]["scale"][0]),
+                    int(initial[name]["zero_point"][0]),
+                )
+            else:  # reduce_range changed: the observer's algorithm replayed on the recorded statistics
+                config = LayerConfig(reduce_range=p.module.quant_max == 127)
+                scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
+            fix_qparams(p.module, scale, zero_point)
+        if missing:
+            if not calib:
+                raise ConfigError(
+                    f"this plan needs observers qviz did not see at calibration ({', '.join(p.layer for p in missing)}); "
+                    "build it from scratch with Session(model, data, flow='pt2e', plan=plan).run()"
+                )
+            with torch.no_grad():
+                for args in calib:
+                    observed(*args)
+        with quiet_torchao():
+            quantized = quantize_pt2e.convert_pt2e(observed)
+        return _insert_taps(quantized, self.groups, reference=False)
+
+    def sensitivity(self, session, *, eval_fn=None, progress: bool = False):
+        """Per-layer sensitivity by real re-conversion (:meth:`reconvert`, recorded qparams):
+        ``quantize_only`` is the plan with every other layer float, ``skip_only`` the session's plan
+        with this layer float. ``weight_only`` / ``activation_only`` are NaN: a PT2E graph has no
+        layer module to swap for a weight- or output-only variant."""
+        import numpy as np
+        import pandas as pd
+        from tqdm.auto import tqdm
+
+        from qviz.analysis.sensitivity import DEFAULT_METRIC, VARIANTS, Sensitivity
+
+        metric_name = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
+        plan, table = session.plan, session.to_dataframe()
+
+        def metric(target) -> float:
+            model = self.reconvert(target, session._records, session._initial, session._calib)
+            if eval_fn is not None:
+                return float(eval_fn(model))
+            return session._comparator.compare(model, [])[1]["output_sqnr"]
+
+        float_metric = math.inf if eval_fn is None else float(eval_fn(session.float_model()))
+        everything_float = {n: {"dtype": "float"} for n in plan}
+        rows = {}
+        for n in tqdm(
+            list(table.index),
+            desc="qviz: sensitivity",
+            unit="layer",
+            leave=False,
+            disable=not progress,
+        ):
+            if not table.loc[n, "quantized"]:
+                rows[n] = dict.fromkeys(VARIANTS, float_metric)
+                continue
+            rows[n] = {
+                "quantize_only": metric(
+                    plan.with_changes({**everything_float, n: {"dtype": plan[n].dtype}})
+                ),
+                "skip_only": metric(plan.with_changes({n: {"dtype": "float"}})),
+                "weight_only": math.nan,
+                "activation_only": math.nan,
+            }
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(VARIANTS)).astype(
+            np.float64
+        )
+        frame["sensitivity"] = (
+            -frame["quantize_only"] if eval_fn is None else float_metric - frame["quantize_only"]
+        )
+        frame["float_metric"] = float_metric
+        frame = frame.sort_values("sensitivity", ascending=False, kind="stable", na_position="last")
+        frame.insert(0, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
+        frame.index.name = "layer"
+        return Sensitivity(metric_name, frame)
+
+
+def is_pt2e_prepared(model: nn.Module) -> bool:
+    """A GraphModule from prepare_pt2e / prepare_qat_pt2e (torch.export graph with observers)."""
+    return (
+        isinstance(model, torch.fx.GraphModule)
+        and any(
+            n.op == "call_function" and str(n.target).startswith("aten.") for n in model.graph.nodes
+        )
+        and any(is_quant_point(m) for m in model.modules())
+    )
+
+
+_ANCHORS = ("conv1d", "conv2d", "conv3d", "linear")
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def qat_points(model: torch.fx.GraphModule) -> list[QuantPoint]:
+    """Fake-quants of a prepare_qat_pt2e model (BN kept, weights scaled), mapped to the float
+    model's module names: a weight's by the conv/linear using it, an output's by walking back
+    through the epilogue (relu, add, batch_norm, ...) to the conv/linear that produced it."""
+    points, seen = [], set()
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not is_quant_point(
+            module := model.get_submodule(node.target)
+        ):
+            continue
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        source = node.args[0]
+        weighted = [
+            u for u in node.users if _name(u) in _ANCHORS and len(u.args) > 1 and u.args[1] is node
+        ]
+        if weighted:
+            layer, role = _module_path(weighted[0]) or weighted[0].name, "weight"
+        elif source.op == "placeholder":
+            layer, role = source.name, "input"
+        else:
+            walk = source
+            while (
+                _name(walk) not in _ANCHORS
+                and walk.op == "call_function"
+                and (
+                    _name(walk)
+                    in (
+                        *_EPILOGUE,
+                        "batch_norm",
+                        "_native_batch_norm_legit",
+                        "getitem",
+                        "div",
+                        "mul",
+                    )
+                )
+                and walk.args
+                and isinstance(walk.args[0], torch.fx.Node)
+            ):
+                walk = walk.args[0]
+            anchor = walk if _name(walk) in _ANCHORS else source
+            layer, role = _module_path(anchor) or source.name, "output"
+        points.append(QuantPoint(node.target, module, layer, role))
+    return points

@@ -1,0 +1,313 @@
+"""torchao ``quantize_``: per-layer configs by module name on a deep copy of the float model.
+
+Each ``nn.Linear`` gets the torchao config its plan entry asks for (through ``FqnToConfig``):
+
+- scheme "int8_dynamic": int8 layers ``Int8DynamicActivationInt8WeightConfig`` (int8 per-token
+  activations computed at run time, int8 per-channel weights); int4 layers
+  ``Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4)`` (int8 activations, int4
+  grouped weights);
+- "int8_weight_only" / "int4_weight_only": ``Int8WeightOnlyConfig`` for int8 layers and
+  ``IntxWeightOnlyConfig(weight_dtype=torch.int4)`` for int4 layers; activations stay float.
+  The scheme also sets the default dtype of every Linear layer.
+
+int4 weights are grouped along the input dimension (``group_size``, None for one scale per
+output channel); torchao's ``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx
+configs, which run on CPU (weights stored as int8 holding 4-bit values). Convolutions,
+norms and other layers stay float (torchao's configs are for Linear layers).
+``quantize_`` keeps module names, so the usual per-module comparison applies; there are no
+observers: qviz records each Linear's input during the calibration pass (role "dynamic").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from qviz.errors import ConfigError
+from qviz.flows.base import QuantPoint, check_backend
+from qviz.plan import LayerConfig, Plan
+
+SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
+    "int8_dynamic": ("int8", "dynamic"),
+    "int8_weight_only": ("int8", "weight_only"),
+    "int4_weight_only": ("int4", "weight_only"),
+}
+INSTALL = 'flow="torchao" needs torchao, which is not installed: pip install "qviz[torchao]"'
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """Hide torchao's harmless CPU noise ("Failed to load ..._C_mxfp8" log lines, warnings)."""
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def load_torchao():
+    """``torchao.quantization``, imported quietly; a ConfigError saying what to install if absent."""
+    try:
+        with quiet_torchao():
+            importlib.import_module("torchao")
+            importlib.import_module("torchao.quantization.qat")  # its import logs too
+            return importlib.import_module("torchao.quantization")
+    except ImportError as exc:
+        raise ConfigError(f"{INSTALL} ({exc})") from None
+
+
+def is_torchao_fake_quantizer(module: nn.Module) -> bool:
+    """torchao QAT fake quantizers (IntxFakeQuantizer...): scale/zero_point are plain attributes."""
+    return all(
+        hasattr(module, a) for a in ("config", "enabled", "scale", "zero_point")
+    ) and not hasattr(module, "calculate_qparams")
+
+
+def fake_quantizer_range(module: nn.Module) -> tuple[int, int] | None:
+    """(quant_min, quant_max) of a torchao fake quantizer's integer dtype, None if not integer."""
+    dtype = getattr(getattr(module, "config", None), "dtype", None)
+    name = str(dtype).replace("torch.", "")
+    for prefix, signed in (("int", True), ("uint", False)):
+        bits = name[len(prefix) :]
+        if name.startswith(prefix) and bits.isdigit():
+            n = int(bits)
+            return (-(2 ** (n - 1)), 2 ** (n - 1) - 1) if signed else (0, 2**n - 1)
+    return None
+
+
+def _check_scheme(scheme, group_size) -> None:
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"torchao scheme {scheme!r} is not valid; choose one of {', '.join(map(repr, SCHEMES))}"
+        )
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0
+    ):
+        raise ConfigError(
+            f"group_size must be a positive int (e.g. 32, 64, 128), or None for one scale per output "
+            f"channel, not {group_size!r}"
+        )
+
+
+class TorchaoFlow:
+    """``quantize_`` with per-layer torchao configs; no calibration (weight-only or dynamic)."""
+
+    name = "torchao"
+    needs_calibration = False
+    handed_over = False
+
+    def __init__(
+        self, backend: str = "x86", scheme: str = "int8_dynamic", group_size: int | None = 32
+    ):
+        self.backend = check_backend(backend)
+        _check_scheme(scheme, group_size)
+        self.scheme = scheme
+        self.group_size = group_size or None  # 0 (Session's None): one scale per output channel
+        self.dtype, self.activations = SCHEMES[scheme]
+        self.ao = load_torchao()
+        self.plan: Plan | None = None
+
+    @property
+    def meta(self) -> dict:
+        """What Plan.to_code(flow="torchao") needs besides the plan."""
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+    # -- the protocol ------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
+        return copy.deepcopy(model).eval()
+
+    def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
+        return [
+            QuantPoint(n, m, n, "dynamic")
+            for n, m in observed.named_modules()
+            if isinstance(m, nn.Linear)
+        ]
+
+    def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
+        return observed
+
+    @staticmethod
+    def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
+        """As :func:`qviz.analysis.compare.find_layers`, but only layers with a matrix or kernel
+        weight (Linear, conv, embedding) count as left float: norms were never candidates."""
+        from qviz.analysis.compare import find_layers
+
+        layers, left_float = find_layers(quantized, reference)
+        weight = lambda n: getattr(quantized.get_submodule(n), "weight", None)  # noqa: E731
+        return layers, [
+            n for n in left_float if isinstance(weight(n), torch.Tensor) and weight(n).dim() >= 2
+        ]
+
+    def convert(self, observed: nn.Module) -> nn.Module:
+        quantized = copy.deepcopy(observed).eval()
+        linears = {n: m for n, m in quantized.named_modules() if n and isinstance(m, nn.Linear)}
+        if self.plan is not None:
+            self.check_plan(self.plan, linears)
+        configs = {n: self.config_for(self._layer_config(n)) for n in linears}
+        configs = {n: c for n, c in configs.items() if c is not None}
+        if configs:
+            with quiet_torchao():
+                self.ao.quantize_(quantized, self.ao.FqnToConfig(configs), filter_fn=None)
+        return quantized
+
+    # -- plans -------------------------------------------------------------------------------
+    def use_plan(self, plan: Plan) -> None:
+        """Convert under ``plan`` (a Session's ``plan=``)."""
+        self.plan = plan
+
+    def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
+        """Linear layers at the scheme's dtype, everything else float."""
+        return Plan(
+            self.backend,
+            {n: LayerConfig(dtype="float" if n in left_float else self.dtype) for n in layers},
+        )
+
+    def _layer_config(self, name: str) -> LayerConfig:
+        if self.plan is not None and name in self.plan:
+            return self.plan[name]
+        return LayerConfig(dtype=self.dtype)
+
+    def check_plan(self, plan: Plan, modules: dict[str, nn.Module]) -> None:
+        """Refuse what the torchao configs cannot do, naming every layer and the fix."""
+        problems = []
+        for name, module in modules.items():
+            config = plan.get(name)
+            if config is None or config.dtype == "float":
+                continue
+            if config.dtype == "fp16":
+                problems.append(
+                    f"{name!r}: dtype 'fp16' is not a torchao scheme in qviz; use 'int8', 'int4' or 'float'"
+                )
+            elif not isinstance(module, nn.Linear):
+                problems.append(
+                    f"{name!r} is {type(module).__name__}: torchao's configs quantize Linear layers only; "
+                    "keep it 'float'"
+                )
+            elif config.dtype == "int8" and not config.weight_symmetric:
+                problems.append(
+                    f"{name!r}: torchao's int8 weights are symmetric; set weight_symmetric=True"
+                )
+            elif config.dtype == "int4" and config.weight == "per_tensor":
+                problems.append(
+                    f"{name!r}: int4 weights are per group or per channel; set weight='per_channel'"
+                )
+            elif (
+                config.dtype == "int4" and self.group_size and module.in_features % self.group_size
+            ):
+                problems.append(
+                    f"{name!r}: in_features {module.in_features} is not a multiple of group_size "
+                    f"{self.group_size}; pick a group_size dividing it, or group_size=None (per channel)"
+                )
+        if problems:
+            raise ConfigError("the torchao flow cannot run this plan:\n" + "\n".join(problems))
+
+    def config_for(self, config: LayerConfig):
+        """The torchao config for one layer's LayerConfig (None: leave it float)."""
+        ao = self.ao
+        if config.dtype == "float":
+            return None
+        dynamic = self.activations == "dynamic"
+        if config.dtype == "int8":
+            weight = ao.PerRow() if config.weight == "per_channel" else ao.PerTensor()
+            if dynamic:
+                return ao.Int8DynamicActivationInt8WeightConfig(
+                    granularity=[ao.PerRow(), weight], set_inductor_config=False
+                )
+            return ao.Int8WeightOnlyConfig(granularity=weight, set_inductor_config=False)
+        granularity = ao.PerGroup(self.group_size) if self.group_size else ao.PerAxis(0)
+        mapping = ao.MappingType.SYMMETRIC if config.weight_symmetric else ao.MappingType.ASYMMETRIC
+        if dynamic:
+            return ao.Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=granularity, weight_mapping_type=mapping
+            )
+        return ao.IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=granularity, mapping_type=mapping
+        )
+
+    def rebuild(self, float_layer: nn.Module, config: LayerConfig) -> nn.Module:
+        """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
+        layer = copy.deepcopy(float_layer)
+        ao_config = self.config_for(config)
+        if ao_config is not None:
+            with quiet_torchao():
+                self.ao.quantize_(layer, ao_config, filter_fn=lambda module, fqn: module is layer)
+        return layer
+
+
+# -- code -----------------------------------------------------------------------------------
+def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | None = 32) -> str:
+    """Runnable Python (torch + torchao, no qviz) applying ``plan`` with ``quantize_``."""
+    _check_scheme(scheme, group_size)
+    dynamic = SCHEMES[scheme][1] == "dynamic"
+    granularity = f"PerGroup({group_size})" if group_size else "PerAxis(0)"
+    names = {"FqnToConfig", "quantize_"}
+
+    def expr(config: LayerConfig) -> str:
+        if config.dtype == "int8":
+            weight = "PerRow()" if config.weight == "per_channel" else "PerTensor()"
+            names.add(weight[:-2])
+            if dynamic:
+                names.update(("Int8DynamicActivationInt8WeightConfig", "PerRow"))
+                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}])"
+            names.add("Int8WeightOnlyConfig")
+            return f"Int8WeightOnlyConfig(granularity={weight})"
+        names.update(("MappingType", granularity.split("(")[0]))
+        mapping = "MappingType." + ("SYMMETRIC" if config.weight_symmetric else "ASYMMETRIC")
+        if dynamic:
+            names.add("Int8DynamicActivationIntxWeightConfig")
+            return (
+                f"Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, "
+                f"weight_granularity={granularity}, weight_mapping_type={mapping})"
+            )
+        names.add("IntxWeightOnlyConfig")
+        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping})"
+
+    lines = []
+    for name, config in plan.items():
+        if config.dtype in ("int8", "int4"):
+            lines.append(f"    {_literal(name)}: {expr(config)},")
+        else:
+            lines.append(f"    {_literal(name)}: None,  # {config.describe()}")
+    return "\n".join(
+        [
+            f'"""Quantization plan exported by qviz: torchao quantize_, scheme "{scheme}", {len(plan)} layers.',
+            "",
+            "Plain torch + torchao code: qviz is not needed to run it.",
+            '"""',
+            "",
+            "import torch",
+            "from torchao.quantization import (",
+            *(f"    {n}," for n in sorted(names, key=str.lower)),
+            ")",
+            "",
+            "# Usage: quantize_(model.eval(), build_config(), filter_fn=None)",
+            "",
+            "FQN_TO_CONFIG = {",
+            *lines,
+            "}",
+            "",
+            "",
+            "def build_config():",
+            '    """The plan as an FqnToConfig for quantize_ (layers mapped to None stay float)."""',
+            "    return FqnToConfig({k: v for k, v in FQN_TO_CONFIG.items() if v is not None})",
+            "",
+        ]
+    )
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text)
