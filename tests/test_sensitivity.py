@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import qviz
 from qviz.analysis.sensitivity import COLUMNS, sweep
+from qviz.errors import ConfigError
 from qviz.demo import accuracy, calibration_batches, eval_batches, load_demo_model
 from tests.helpers import assert_unchanged, model_snapshot
 
@@ -148,12 +150,23 @@ def test_sweep_leaves_the_session_unchanged():
     assert s.results.sensitivity is None
 
 
-@pytest.mark.parametrize("executor", [ProcessPoolExecutor, ThreadPoolExecutor])
+def _spawning_pool(max_workers):
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+@pytest.mark.parametrize("executor", [_spawning_pool, ThreadPoolExecutor])
 def test_executor_results_equal_serial(demo, executor):
     s, frame = demo
     with executor(max_workers=2) as pool:
         spread = s.sensitivity(executor=pool).to_dataframe()
     pd.testing.assert_frame_equal(spread, frame, check_exact=True)
+
+
+def test_a_forking_process_pool_is_refused_with_the_fix(demo):
+    s, _ = demo
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool:
+        with pytest.raises(ConfigError, match="spawn"):
+            s.sensitivity(executor=pool)
 
 
 def test_cached_partial_runs_equal_full_runs(demo):

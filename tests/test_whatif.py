@@ -145,6 +145,18 @@ def test_search_meets_the_target_at_least_size(base):
     assert not result.pareto().empty
 
 
+def test_search_keeps_the_undo_history_and_the_sweep():
+    s = _session().apply({"fc2": {"weight": "per_tensor"}})
+    before, sweep = s.plan, s.sensitivity(progress=False).to_dataframe()
+    s.search(target_sqnr=30)
+    pd.testing.assert_frame_equal(s.results.sensitivity, sweep)  # the plan it measured is in force
+    assert s.plan == before
+    s.undo()  # back to the plan before apply(), not to a search candidate
+    assert s.plan["fc2"].weight == "per_channel"
+    with pytest.raises(qviz.QvizError, match="nothing to undo"):
+        s.undo()
+
+
 # -- bad input ----------------------------------------------------------------------------------
 def test_unknown_layer_suggests_close_names(base):
     with pytest.raises(qviz.ConfigError, match="block_conv2"):

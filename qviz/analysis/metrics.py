@@ -38,7 +38,8 @@ class ErrorAccumulator:
         self.cross += (sx * sx + sy * sy - sd * sd) / 2  # x.y from the polarization identity
         self.count += x.numel()
         if x.numel():
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
+            low, high = torch.aminmax(d)  # one pass, no |d| temporary
+            self.max_abs = max(self.max_abs, float(high), -float(low))
 
     def result(self) -> dict[str, float]:
         if self.count == 0:

@@ -43,9 +43,10 @@ def weight_bytes(param_counts: dict[str, int], plan) -> int:
 
 
 def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
-           ladder: tuple[str, ...] = ("int4", "int8", "float")) -> SearchResult:
+           ladder: tuple[str, ...] = ("int4", "int8", "float"), callback=None) -> SearchResult:
     """Find a plan meeting ``target_sqnr`` (model output SQNR, dB) or a ``max_drop`` of
-    ``eval_fn(model)`` (higher is better) against the float model, at the least size."""
+    ``eval_fn(model)`` (higher is better) against the float model, at the least size.
+    ``callback(tried, most)`` is called after each candidate (``most``: the most there can be)."""
     if (target_sqnr is None) == (eval_fn is None):
         raise ConfigError("give exactly one target: target_sqnr=30 (dB), or eval_fn=... with max_drop=...")
     if eval_fn is not None and max_drop is None:
@@ -66,9 +67,11 @@ def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop:
 
     start = session.plan
     counts = session.param_counts()
-    rung = dict.fromkeys(start, 0)
-    plan = start.with_changes({n: {"dtype": ladder[0]} for n in start})
+    stuck = set(session.summary().get("left_float", []))  # layers the flow cannot quantize
+    rung = {n: 0 for n in start if n not in stuck}
+    plan = start.with_changes({n: {"dtype": ladder[0]} for n in rung})
     rows, found = [], None
+    most = 1 + len(rung) * (len(ladder) - 1)
     try:
         changed = "all layers"
         while True:
@@ -77,11 +80,13 @@ def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop:
             rows.append({"step": len(rows), "changed": changed, "weight_bytes": weight_bytes(counts, plan),
                          "output_sqnr": session.summary()["output_sqnr"], "metric": value,
                          "meets_target": meets(value), "plan": plan.to_json()})
+            if callback is not None:
+                callback(len(rows), most)
             if meets(value):
                 found = plan
                 break
             frame = session.to_dataframe()
-            open_layers = [n for n in start if rung[n] < len(ladder) - 1]
+            open_layers = [n for n in rung if rung[n] < len(ladder) - 1]
             if not open_layers:
                 break
             worst = min(open_layers, key=lambda n: _badness(frame, n))

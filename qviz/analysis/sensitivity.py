@@ -34,7 +34,7 @@ import operator
 import os
 import pickle
 from collections.abc import Callable
-from concurrent.futures import as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -372,7 +372,7 @@ def _unpack(payload: bytes) -> _Sweep:
 
 
 def _measure_chunk(job: _Sweep, layers: list[str]) -> dict[str, dict[str, float]]:
-    """An executor's work unit; threads share the caller's objects, so they get a copy."""
+    """An executor's work unit; in-process executors share the caller's objects, so they copy."""
     return (job if job.private else job.copy()).measure_all(layers)
 
 
@@ -413,12 +413,27 @@ def _dumps(state) -> bytes:
     return buffer.getvalue()
 
 
+def _check_executor(executor) -> None:
+    """Refuse a process pool that forks: a worker forked while torch's OpenMP threads are busy
+    can hang for ever in its first quantized kernel (seen on 2 loaded cores)."""
+    context = getattr(executor, "_mp_context", None)
+    if isinstance(executor, ProcessPoolExecutor) and context is not None and context.get_start_method() == "fork":
+        raise ConfigError(
+            "executor= is a process pool that forks, and forked workers can hang in torch's OpenMP "
+            "threads: create it with ProcessPoolExecutor(mp_context=multiprocessing.get_context('spawn'))"
+            " (or 'forkserver')"
+        )
+
+
 def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: list[str], *,
           float_layers=(), backend: str = "x86", eval_fn: Callable | None = None, executor=None,
-          progress: bool = True, cache_bytes: int = 512 * 2**20) -> Sensitivity:
+          progress: bool = True, cache_bytes: int = 512 * 2**20,
+          callback: Callable[[int, int], None] | None = None) -> Sensitivity:
     """Measure every layer of ``layers`` (module names shared by ``reference`` and ``quantized``);
-    ``float_layers`` are float in ``quantized`` already and need no work. See the module doc."""
+    ``float_layers`` are float in ``quantized`` already and need no work. ``callback(done, total)``
+    is called after each measured layer (e.g. a dashboard's progress bar). See the module doc."""
     metric = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
+    _check_executor(executor)
     float_layers = set(float_layers)
     work = [n for n in layers if n not in float_layers]
     with quiet_torch(), quantized_engine(backend), torch.no_grad():
@@ -434,14 +449,22 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
             for n in work:
                 rows.update(job.measure_all([n]))
                 bar.update()
+                if callback is not None:
+                    callback(len(rows) - len(layers) + len(work), len(work))
         elif work:
             workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             count = min(len(work), workers)
-            futures = [executor.submit(_measure_chunk, job, work[k::count]) for k in range(count)]
+            # Threads get their copies here, before any starts: unpickling a GraphModule re-traces
+            # it, and tracing patches nn.Module.__call__ for every thread. (Not before forking a
+            # process pool: OpenMP threads just used by the copy can hang the forked workers.)
+            jobs = [job.copy() if isinstance(executor, ThreadPoolExecutor) else job for _ in range(count)]
+            futures = [executor.submit(_measure_chunk, unit, work[k::count]) for k, unit in enumerate(jobs)]
             for future in as_completed(futures):
                 part = future.result()
                 rows.update(part)
                 bar.update(len(part))
+                if callback is not None:
+                    callback(len(rows) - len(layers) + len(work), len(work))
     frame = pd.DataFrame.from_dict({n: rows[n] for n in layers}, orient="index", columns=list(VARIANTS))
     frame = frame.astype(np.float64)
     lost = -frame["quantize_only"] if eval_fn is None else float_metric - frame["quantize_only"]

@@ -1,0 +1,26 @@
+"""Wall-clock latency of a model on this CPU: the median of repeated runs of one batch.
+
+Opt-in (``Session(..., latency=True)``) because it costs time. The median of many short runs,
+after a few warm-up runs, is what stays stable on a shared, noisy machine; quantized kernels
+pack weights lazily, so warm-up matters there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def median_latency_ms(model: nn.Module, args: tuple, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``model(*args)`` over ``repeats`` runs after ``warmup`` runs."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(*args)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
