@@ -1,6 +1,6 @@
 """The ``qviz`` command line: ``qviz demo`` prints the per-layer table of the embedded demo;
-``qviz serve PATH`` / ``qviz serve --demo`` serves the interactive app; ``qviz report PATH -o OUT``
-writes the HTML report of a session file."""
+``qviz serve PATH`` / ``qviz serve --demo`` serves the interactive app (``--compare OTHER`` adds a
+Compare tab); ``qviz report PATH -o OUT`` writes the HTML report of a session file."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from qviz.errors import QvizError
 _COLUMNS = ["type", "dtype", "observer", "weight_sqnr", "local_sqnr", "output_sqnr", "clip_frac", "scale", "zero_point"]
 
 
-def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True):
+def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True, latency: bool = False):
     """The embedded demo model through ``flow``, run and compared (a few seconds)."""
     from qviz.demo import demo_session_inputs
     from qviz.session import Session
 
     model, calib, evals = demo_session_inputs()
-    return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress).run()
+    return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress,
+                   latency=latency).run()
 
 
 def format_table(session) -> str:
@@ -35,11 +36,14 @@ def format_table(session) -> str:
         f"{summary['top1_agreement']:.1%}, size {summary['size_bytes'] / 1024:.1f} KiB "
         f"(float {summary['float_size_bytes'] / 1024:.1f} KiB)",
     ]
+    if "latency_ms" in summary:
+        lines.append(f"latency {summary['latency_ms']:.2f} ms vs float {summary['float_latency_ms']:.2f} ms "
+                     "(median of repeated runs on this CPU)")
     return "\n".join(lines)
 
 
 def _cmd_demo(args) -> int:
-    session = demo_session(args.flow, args.backend)
+    session = demo_session(args.flow, args.backend, latency=args.latency)
     print(format_table(session))
     if args.save:
         session.save(args.save)
@@ -53,10 +57,12 @@ def _cmd_serve(args) -> int:
     if (args.path is None) == (not args.demo):
         raise QvizError("give a session file (qviz serve run.qviz) or --demo, not both")
     factory = session_factory(args.path, demo=args.demo)
+    compare = session_factory(args.compare) if args.compare else None  # a session file, never a pickle
     port = args.port or free_port(args.address)
-    print(f"qviz: serving {'the demo' if args.demo else args.path} at http://{args.address}:{port}/ "
+    against = f" compared with {args.compare}" if args.compare else ""
+    print(f"qviz: serving {'the demo' if args.demo else args.path}{against} at http://{args.address}:{port}/ "
           "(Ctrl-C to stop)", flush=True)
-    serve(factory, port=port, address=args.address, show=not args.no_show, verbose=False)
+    serve(factory, compare=compare, port=port, address=args.address, show=not args.no_show, verbose=False)
     return 0
 
 
@@ -76,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--flow", default="fx", choices=["fx", "eager", "dynamic"])
     demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
+    demo.add_argument("--latency", action="store_true",
+                      help="also time the quantized and float models (median of repeated runs)")
     demo.set_defaults(func=_cmd_demo)
     srv = sub.add_parser("serve", help="serve the interactive app for a session file or the demo")
     srv.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
     srv.add_argument("--demo", action="store_true", help="serve the embedded demo (a fresh session per visitor)")
+    srv.add_argument("--compare", metavar="PATH",
+                     help="a second session file, shown beside the first in a Compare tab (e.g. PTQ vs QAT)")
     srv.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
     srv.add_argument("--address", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1: this machine only)")

@@ -8,11 +8,16 @@ and a stall where there is no internet), and first render is the number to keep 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import panel as pn
 from panel.viewable import Viewer
 
+from qviz.ui.compare_view import CompareView
+from qviz.ui.pareto_view import ParetoView
+from qviz.ui.qat_view import QatView
+from qviz.ui.sensitivity_view import SensitivityView
 from qviz.ui.state import DashboardState
 from qviz.ui.views import ConfigEditor, DepthChart, LayerTable, LayerView, MessageView, SummaryView
 
@@ -24,7 +29,7 @@ TITLE = "qviz"
 class Dashboard(Viewer):
     """All views of one session, linked through one state."""
 
-    def __init__(self, session, **params):
+    def __init__(self, session, compare_with=None, **params):
         super().__init__(**params)
         self.state = DashboardState(session)
         self.messages = MessageView(state=self.state)
@@ -33,6 +38,11 @@ class Dashboard(Viewer):
         self.depth = self._build("the error-along-depth chart", DepthChart)
         self.layer = self._build("the layer view", LayerView)
         self.editor = self._build("the config editor", ConfigEditor) if self.state.can_apply else None
+        self.sensitivity = self._build("the sensitivity view", SensitivityView)
+        self.pareto = self._build("the mixed-precision view", ParetoView)
+        self.qat = self._build("the QAT view", QatView)
+        self.compare = (None if compare_with is None else
+                        self._build("the compare view", functools.partial(CompareView, other=compare_with)))
 
     def _build(self, what: str, cls):
         """A view, or an Alert saying why it could not be built (the others still work)."""
@@ -44,14 +54,24 @@ class Dashboard(Viewer):
             return pn.pane.Alert(f"{what} is unavailable: {type(exc).__name__}: {exc}", alert_type="danger")
 
     def sections(self) -> list:
-        """The dashboard's parts, top to bottom."""
+        """The dashboard's parts, top to bottom: figures, messages, then one tab per view."""
+        # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
+        # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
+        tabs = pn.Tabs(("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
+                       ("Mixed precision", self.pareto), dynamic=False, sizing_mode="stretch_width")
+        tabs.append(("QAT", self.qat))
+        if self.compare is not None:
+            tabs.append(("Compare", self.compare))
+        return [self.summary, self.messages, tabs]
+
+    def _layers_tab(self) -> pn.Row:
+        """Layer table, depth chart and config editor beside the selected layer's view."""
         left = [pn.pane.Markdown("### Layers", margin=(0, 10)), self.table, self.depth]
         if self.editor is not None:
             left += [pn.pane.Markdown("### Change this layer", margin=(0, 10)), self.editor]
         right = [pn.pane.Markdown("### Selected layer", margin=(0, 10)), self.layer]
-        return [self.summary, self.messages,
-                pn.Row(pn.Column(*left, sizing_mode="stretch_width"), pn.Column(*right, sizing_mode="stretch_width"),
-                       sizing_mode="stretch_width")]
+        return pn.Row(pn.Column(*left, sizing_mode="stretch_width"), pn.Column(*right, sizing_mode="stretch_width"),
+                      sizing_mode="stretch_width")
 
     def __panel__(self):
         return pn.Column(*self.sections(), sizing_mode="stretch_width")
@@ -66,11 +86,11 @@ class Dashboard(Viewer):
         return page
 
 
-def build_dashboard(session) -> Dashboard:
-    """The linked views of ``session`` as a plain Panel layout."""
-    return Dashboard(session)
+def build_dashboard(session, compare_with=None) -> Dashboard:
+    """The linked views of ``session`` as a plain Panel layout (a Compare tab with ``compare_with``)."""
+    return Dashboard(session, compare_with=compare_with)
 
 
-def build_app(session):
+def build_app(session, compare_with=None):
     """The served app of ``session``: the dashboard under a "qviz" header (serve with title="qviz")."""
-    return Dashboard(session).page()
+    return Dashboard(session, compare_with=compare_with).page()

@@ -36,11 +36,12 @@ def session_factory(path=None, *, demo: bool = False, check: bool = True) -> Cal
     return lambda: load(path)
 
 
-def app_for(factory: Callable):
-    """The app of one browser session: a fresh session from ``factory``; a failure to make it
-    becomes an Alert page instead of a server error."""
+def app_for(factory: Callable, compare: Callable | None = None):
+    """The app of one browser session: a fresh session from ``factory`` (and, with ``compare``, a
+    fresh second session for the Compare tab); a failure to make them becomes an Alert page
+    instead of a server error."""
     try:
-        return build_app(factory())
+        return build_app(factory(), compare_with=None if compare is None else compare())
     except QvizError as exc:
         return pn.pane.Alert(f"qviz could not open the session: {exc}", alert_type="danger")
     except Exception as exc:  # noqa: BLE001 - a page that says what broke, not a bare server error
@@ -84,19 +85,22 @@ class RunningServer:
         self.thread.join(timeout)
 
 
-def serve(factory: Callable, *, port: int = 0, address: str = "127.0.0.1", show: bool = True,
-          threaded: bool = False, verbose: bool = True):
-    """Serve the app, ``factory()`` giving a fresh Session for each browser session.
+def serve(factory: Callable, *, compare: Callable | None = None, port: int = 0, address: str = "127.0.0.1",
+          show: bool = True, threaded: bool = False, verbose: bool = True):
+    """Serve the app, ``factory()`` giving a fresh Session for each browser session (and
+    ``compare()``, when given, the second session of its Compare tab).
 
     ``threaded=True`` returns a :class:`RunningServer` once it accepts connections; otherwise
     this blocks until the server stops (Ctrl-C).
     """
     if not callable(factory):
         raise ConfigError("factory must be a callable that returns a new Session, e.g. lambda: qviz.load(path)")
+    if compare is not None and not callable(compare):
+        raise ConfigError("compare must be a callable that returns a new Session, e.g. session_factory(path)")
     port = int(port) or free_port(address)
     options = dict(port=port, address=address, websocket_origin=websocket_origins(address, port),
                    show=show, title=TITLE, verbose=verbose, start=True)
-    app = lambda: app_for(factory)  # noqa: E731 - called once per browser session
+    app = lambda: app_for(factory, compare)  # noqa: E731 - called once per browser session
     if not threaded:
         return pn.serve(app, threaded=False, **options)
     thread = pn.serve(app, threaded=True, **options)

@@ -10,12 +10,16 @@ change (after ``apply`` or ``undo``), so every view redraws from the new numbers
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import threading
 
 import pandas as pd
 import param
 
 from qviz.errors import QvizError
+
+log = logging.getLogger(__name__)
 
 #: The editor's choices; the names and values of ``LayerConfig`` fields.
 DTYPES = ("int8", "int4", "fp16", "float")
@@ -41,11 +45,14 @@ class DashboardState(param.Parameterized):
     busy = param.Boolean(default=False, doc="True while the session re-converts.")
     last_change = param.Dict(default=None, allow_None=True, doc="""
         The last apply/undo: {'layer', 'before', 'after', 'summary_before', 'summary_after'}.""")
+    task = param.String(default="", doc="""
+        The long task running in the background ('' when none): one at a time; apply and undo wait.""")
 
     def __init__(self, session, **params):
         super().__init__(**params)
         self.session = session
         self._history: list = []  # plans before each apply, for undo
+        self._task_lock = threading.Lock()
         self._table = self._summary = self._points = None
         self.refresh()
 
@@ -142,19 +149,41 @@ class DashboardState(param.Parameterized):
             return ""
         meta = getattr(getattr(self.session, "results", None), "meta", None) or {}
         flow = meta.get("flow")
+        if flow == "torchao":  # quantize_ code, with the session's scheme and group size
+            return plan.to_code("torchao", **{k: v for k, v in meta.items() if k in ("scheme", "group_size")})
         return plan.to_code(flow=flow) if flow in ("fx", "eager", "dynamic") else plan.to_code()
 
     def apply(self, changes: dict) -> bool:
         """``session.apply(changes)`` ({layer: {field: value}}); a QvizError becomes the message."""
-        if not self.can_apply:
-            self.notify("this session cannot re-convert (it was loaded from a file, or has no model)", "warning")
+        if not self._editable():
             return False
         previous = copy.deepcopy(self.plan)
         return self._run(lambda: self.session.apply(changes), next(iter(changes), None),
                          previous, f"applied {_describe(changes)}")
 
+    def apply_plan(self, plan, what: str) -> bool:
+        """Put a whole ``plan`` in force (``session.apply(plan)``, e.g. a search candidate),
+        undoable like an edit; ``what`` is the success message."""
+        if not self._editable():
+            return False
+        previous = copy.deepcopy(self.plan)
+        return self._run(lambda: self.session.apply(plan), self.selected_layer, previous, what)
+
+    def _editable(self) -> bool:
+        """True when a new plan may be applied now; otherwise the message says why not."""
+        if not self.can_apply:
+            self.notify("this session cannot re-convert (it was loaded from a file, or has no model)", "warning")
+            return False
+        if self.task:
+            self.notify(f"wait for the {self.task} to finish", "warning")
+            return False
+        return True
+
     def undo(self) -> bool:
         """Re-apply the plan in force before the last apply."""
+        if self.task:
+            self.notify(f"wait for the {self.task} to finish", "warning")
+            return False
         if not self._history:
             self.notify("nothing to undo", "info")
             return False
@@ -189,6 +218,67 @@ class DashboardState(param.Parameterized):
         row = self._table.loc[layer] if layer in self._table.index else {}
         return ({c: _plain(row.get(c, math.nan)) for c in COMPARED_COLUMNS},
                 {k: _plain(self._summary.get(k, math.nan)) for k in COMPARED_SUMMARY})
+
+    # -- analysis (sensitivity, diagnosis) ------------------------------------------------------
+    @property
+    def can_sweep(self) -> bool:
+        """True when the session holds its models (a live run), so ``sensitivity()`` can measure;
+        a session loaded from a file has only the sweep saved with it."""
+        return hasattr(self.session, "sensitivity") and getattr(self.session, "_model", None) is not None
+
+    def sensitivity_frame(self) -> pd.DataFrame | None:
+        """The stored sweep (``results.sensitivity``, metric in ``.attrs``); None before one."""
+        return getattr(getattr(self.session, "results", None), "sensitivity", None)
+
+    def diagnosis(self) -> pd.DataFrame:
+        """``session.diagnose()``: findings with evidence and fix, sensitive layers first."""
+        return self.session.diagnose()
+
+    # -- background tasks ------------------------------------------------------------------------
+    def run_task(self, what: str, work, done=None, ui=None) -> threading.Thread | None:
+        """Run ``work()`` on a worker thread so the app stays responsive, then ``done(result)``
+        through ``ui``: ``ui(fn, *args)`` runs ``fn`` where the views live (a served page's event
+        loop; by default at once, on the worker). One task at a time (``task`` names it); an
+        exception becomes the message and the app keeps working. Returns the thread, or None
+        when another task is running."""
+        with self._task_lock:
+            if self.task:
+                self.notify(f"wait for the {self.task} to finish", "warning")
+                return None
+            self.task = what
+        thread = threading.Thread(target=self._task, args=(what, work, done, ui or _now),
+                                  name=f"qviz: {what}", daemon=True)
+        thread.start()
+        return thread
+
+    def _task(self, what: str, work, done, ui) -> None:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - a failed task is a message, not a dead app
+            ui(self._fail, what, exc)
+        else:
+            ui(self._finish, what, done, result)
+
+    def _finish(self, what: str, done, result) -> None:
+        try:
+            if done is not None:
+                done(result)
+        except Exception as exc:  # noqa: BLE001 - as in _task
+            self._fail(what, exc)
+        finally:
+            self.task = ""
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        if isinstance(exc, QvizError):
+            self.notify(str(exc), "danger")
+        else:
+            log.error("qviz: the %s failed", what, exc_info=exc)
+            self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger")
+        self.task = ""
+
+
+def _now(fn, *args):
+    return fn(*args)
 
 
 def _plain(v):

@@ -93,6 +93,8 @@ class SummaryView(_StateView):
             (figures.RED_DB, figures.RED), (figures.AMBER_DB, figures.AMBER), (math.inf, figures.GREEN)], **common)
         self.top1 = pn.indicators.Number(label="top-1 agreement", format="{value:.2f} %", **common)
         self.size = pn.indicators.Number(label="size vs float", format="{value:.1f} %", **common)
+        self.speedup = pn.indicators.Number(label="speed-up vs float", format="{value:.2f}x", visible=False,
+                                            **common)
         self.details = pn.pane.Markdown("", margin=(10, 20), styles={"color": "#555"})
         self.state.param.watch(self._update, "version")
         self._update()
@@ -104,15 +106,20 @@ class SummaryView(_StateView):
             self.sqnr.value = _number(s.get("output_sqnr"))
             self.top1.value = _number(s.get("top1_agreement")) * 100
             self.size.value = 100 * _number(size) / _number(float_size) if float_size else math.nan
+            latency, float_latency = _number(s.get("latency_ms")), _number(s.get("float_latency_ms"))
+            self.speedup.visible = math.isfinite(latency) and math.isfinite(float_latency)
+            self.speedup.value = float_latency / latency if self.speedup.visible else math.nan
             meta = getattr(getattr(self.state.session, "results", None), "meta", {}) or {}
             parts = [f"{len(self.state.layers)} layers"]
             if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
                 parts.append(f"{size / 1024:.1f} KiB quantized, {float_size / 1024:.1f} KiB float")
+            if self.speedup.visible:
+                parts.append(f"{latency:.2f} ms quantized, {float_latency:.2f} ms float (median, this CPU)")
             parts += [f"{k} {meta[k]}" for k in ("flow", "backend", "torch") if meta.get(k)]
             self.details.object = " · ".join(parts)
 
     def __panel__(self):
-        return pn.Row(self.sqnr, self.top1, self.size, self.details, sizing_mode="stretch_width")
+        return pn.Row(self.sqnr, self.top1, self.size, self.speedup, self.details, sizing_mode="stretch_width")
 
 
 def _number(v) -> float:

@@ -20,21 +20,21 @@ def in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
-def show(session) -> None:
-    """Render the dashboard inline in a notebook; outside one, serve it and open a browser
-    (blocking until Ctrl-C, like ``plt.show()``)."""
+def show(session, compare_with=None) -> None:
+    """Render the dashboard inline in a notebook (a Compare tab with ``compare_with``); outside
+    one, serve it and open a browser (blocking until Ctrl-C, like ``plt.show()``)."""
     if not in_notebook():
         from qviz.ui.serve import serve
 
-        serve(lambda: session, show=True)
+        serve(lambda: session, compare=None if compare_with is None else lambda: compare_with, show=True)
         return
     from IPython.display import display
 
     pn.extension(*EXTENSIONS)
-    display(build_dashboard(session))
+    display(build_dashboard(session, compare_with=compare_with))
 
 
-def widget(session):
+def widget(session, compare_with=None):
     """The dashboard as an ipywidgets widget (``pn.ipywidget``)."""
     pn.extension(*EXTENSIONS)
-    return pn.ipywidget(build_dashboard(session))
+    return pn.ipywidget(build_dashboard(session, compare_with=compare_with))

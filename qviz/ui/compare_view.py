@@ -1,0 +1,252 @@
+"""The compare view: the dashboard's session (A) beside a second one (B), e.g. PTQ vs QAT or two
+plans of one model. Model-level figures of both, a per-layer table of A, B and B - A (layers
+matched by name; layers only in one session listed), and both output SQNRs along depth.
+Selecting a layer here selects it in A's state, so every other view follows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+import plotly.graph_objects as go
+from bokeh.models.widgets.tables import NumberFormatter
+
+from qviz.ui import figures
+from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
+
+SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
+SUMMARY_KEYS = ("output_sqnr", "top1_agreement", "size_bytes", "float_size_bytes")
+_COLORS = {"A": "#1f77b4", "B": "#ff7f0e"}
+
+
+def layer_differences(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, matched by name (A's depth order, then layers only B has): where it is ("both",
+    "A only", "B only"), each session's dtype, and ``{c}_a``, ``{c}_b``, ``{c}_diff`` (B - A) for
+    output, local and weight SQNR."""
+    a, b = _by_depth(a), _by_depth(b)
+    layers = list(a.index) + [n for n in b.index if n not in a.index]
+    out = pd.DataFrame(index=pd.Index(layers, name="layer"))
+    out["in"] = [
+        "both" if n in a.index and n in b.index else "A only" if n in a.index else "B only"
+        for n in layers
+    ]
+    for side, frame in (("a", a), ("b", b)):
+        out[f"dtype_{side}"] = frame["dtype"].reindex(layers).fillna("") if "dtype" in frame else ""
+    for c in SQNR_COLUMNS:
+        va, vb = (_numbers(frame, c, layers) for frame in (a, b))
+        out[f"{c}_a"], out[f"{c}_b"], out[f"{c}_diff"] = va, vb, vb - va
+    return out
+
+
+def _by_depth(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values("depth", kind="stable") if "depth" in frame else frame
+
+
+def _numbers(frame: pd.DataFrame, column: str, layers: list) -> np.ndarray:
+    if column not in frame:
+        return np.full(len(layers), math.nan)
+    return pd.to_numeric(frame[column].reindex(layers), errors="coerce").to_numpy(dtype=np.float64)
+
+
+def summary_differences(a: dict, b: dict) -> pd.DataFrame:
+    """The model-level figures of A and B, and B - A, one row per figure."""
+    rows = {k: (_float(a.get(k)), _float(b.get(k))) for k in SUMMARY_KEYS if k in a or k in b}
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["A", "B"])
+    frame["B - A"] = frame["B"] - frame["A"]
+    frame.index.name = "figure"
+    return frame
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def compare_depth_figure(diff: pd.DataFrame, selected=None) -> go.Figure:
+    """Output SQNR of A and B per layer along depth (x: layer names), the selected layer marked."""
+    layers = [str(n) for n in diff.index]
+    fig = go.Figure()
+    for side in ("A", "B"):
+        values = [
+            None if not np.isfinite(v) else float(v) for v in diff[f"output_sqnr_{side.lower()}"]
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=values,
+                name=f"{side}: output SQNR",
+                mode="lines+markers",
+                line={"color": _COLORS[side]},
+                connectgaps=False,
+                hovertemplate="%{x}<br>" + side + " output SQNR %{y:.2f} dB<extra></extra>",
+            )
+        )
+    shapes = []
+    if selected in layers:
+        shapes.append(
+            {
+                "type": "line",
+                "xref": "x",
+                "x0": selected,
+                "x1": selected,
+                "yref": "paper",
+                "y0": 0,
+                "y1": 1,
+                "name": "selected",
+                "line": {"color": "#444", "width": 2, "dash": "dash"},
+            }
+        )
+    fig.update_layout(shapes=shapes, clickmode="event", hovermode="closest")
+    fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
+    fig.update_yaxes(title_text="output SQNR (dB)")
+    return figures._layout(
+        fig, "A vs B: output SQNR along depth (click a point to select its layer)"
+    )
+
+
+_TITLES = {
+    "in": "in",
+    "dtype_a": "dtype A",
+    "dtype_b": "dtype B",
+    **{
+        f"{c}_{s}": f"{c.split('_')[0]} SQNR {t}"
+        for c in SQNR_COLUMNS
+        for s, t in (("a", "A"), ("b", "B"), ("diff", "B - A"))
+    },
+}
+_FORMATTERS = {
+    f"{c}_{s}": NumberFormatter(format="+0.00" if s == "diff" else "0.00")
+    for c in SQNR_COLUMNS
+    for s in ("a", "b", "diff")
+}
+
+
+def _diff_style(value) -> str:
+    """Green where B is better by more than 0.5 dB, red where it is worse."""
+    v = _float(value)
+    if not math.isfinite(v) or abs(v) <= 0.5:
+        return ""
+    return "background-color: #d1e7dd" if v > 0 else "background-color: #f8d7da"
+
+
+class CompareView(_StateView):
+    """The dashboard's session (A) beside ``other`` (B): figures, per-layer differences, depth chart."""
+
+    other = param.Parameter(
+        doc="The second session (B): anything with to_dataframe() and summary()."
+    )
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.header = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
+        self.figures = pn.widgets.Tabulator(
+            pd.DataFrame(),
+            disabled=True,
+            show_index=True,
+            label="model figures",
+            formatters={c: NumberFormatter(format="0.000") for c in ("A", "B", "B - A")},
+        )
+        self.only = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
+        self.table = pn.widgets.Tabulator(
+            pd.DataFrame(),
+            disabled=True,
+            selectable=1,
+            sortable=True,
+            header_filters=True,
+            formatters=dict(_FORMATTERS),
+            titles=dict(_TITLES),
+            frozen_columns=["layer"],
+            layout="fit_data_table",
+            sizing_mode="stretch_width",
+            label="A vs B per layer",
+        )
+        self.table.style.map(_diff_style, subset=[f"{c}_diff" for c in SQNR_COLUMNS])
+        self.depth = pn.pane.Plotly(
+            config=_PLOTLY_CONFIG, sizing_mode="stretch_width", height=340, name="compare depth"
+        )
+        self.table.param.watch(self._on_selection, "selection")
+        self.depth.param.watch(self._on_click, "click_data")
+        self.state.param.watch(self._on_selected, "selected_layer")
+        self.state.param.watch(self._on_version, "version")
+        self._on_version()
+
+    @property
+    def differences(self) -> pd.DataFrame:
+        return self.table.value
+
+    def _on_version(self, *_):
+        a, b = self.state.table, self.other.to_dataframe()
+        with pn.io.hold():
+            self.table.value = layer_differences(a, b)
+            self.figures.value = summary_differences(self.state.summary, self.other.summary())
+            self.header.object = (
+                f"**A**: this session ({_describe(self.state.session)}) · "
+                f"**B**: the compared session ({_describe(self.other)})"
+            )
+            only = self.table.value["in"]
+            parts = [
+                f"only in {side}: {', '.join(only.index[only == f'{side} only'])}"
+                for side in ("A", "B")
+                if (only == f"{side} only").any()
+            ]
+            self.only.object = (
+                "Layers " + "; ".join(parts) if parts else "Both sessions have the same layers."
+            )
+            self._on_selected()
+
+    def _on_selected(self, *_):
+        layer = self.state.selected_layer
+        index = list(self.table.value.index)
+        wanted = [index.index(layer)] if layer in index else []
+        with pn.io.hold():
+            if self.table.selection != wanted:
+                self.table.selection = wanted
+            self.depth.object = self._guard(
+                "the compare chart",
+                lambda: compare_depth_figure(self.table.value, layer),
+                lambda: figures.message_figure("A vs B", "could not draw this chart"),
+            )
+
+    def _on_selection(self, event):
+        if event.new:
+            self._select(self.table.value.index[event.new[0]])
+
+    def _on_click(self, event):
+        points = (event.new or {}).get("points") or []
+        if points:
+            self._select(points[0].get("x"))
+
+    def _select(self, layer) -> None:
+        if layer in self.state.layers:
+            select(self.state, layer)
+        elif layer is not None:
+            self.state.notify(
+                f"{layer} is only in the compared session (B): nothing to select in A", "info"
+            )
+
+    def __panel__(self):
+        return pn.Column(
+            self.header,
+            pn.pane.Markdown("#### Model figures", margin=(0, 10)),
+            self.figures,
+            pn.pane.Markdown(
+                "#### Per layer (B - A in dB; select a row to select its layer)", margin=(0, 10)
+            ),
+            self.only,
+            self.table,
+            self.depth,
+            sizing_mode="stretch_width",
+        )
+
+
+def _describe(session) -> str:
+    meta = getattr(getattr(session, "results", None), "meta", None) or {}
+    parts = [f"{len(session.to_dataframe())} layers"]
+    parts += [f"{k} {meta[k]}" for k in ("flow", "backend") if meta.get(k)]
+    return ", ".join(parts)

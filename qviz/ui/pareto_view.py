@@ -1,0 +1,254 @@
+"""The mixed-precision view: ``session.search(target_sqnr=...)`` on a worker thread with a
+progress bar, then its candidates as a size-vs-error scatter with the Pareto front, the plan
+found and the plan in force marked. Clicking a point applies that candidate's plan through
+:meth:`DashboardState.apply_plan`, so it is undoable and every view updates.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pandas as pd
+import panel as pn
+import param
+import plotly.graph_objects as go
+
+from qviz.analysis.search import SearchResult
+from qviz.plan import Plan
+from qviz.ui import figures
+from qviz.ui.progress import TaskProgress, ui_caller
+from qviz.ui.views import _PLOTLY_CONFIG, _StateView
+
+TASK = "mixed-precision search"
+TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
+CANNOT = (
+    "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
+    "a file, or its flow or qconfigs are not qviz's. Re-create it from the float model with "
+    "`flow='fx'` or `'eager'` (and `plan=...` instead of your own qconfigs) to search."
+)
+
+
+def _finite(values) -> list:
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def pareto_figure(
+    candidates: pd.DataFrame,
+    front: pd.DataFrame,
+    target: float | None = None,
+    found: int | None = None,
+    in_force: int | None = None,
+) -> go.Figure:
+    """Every candidate (weight bytes vs output SQNR; green when it meets the target), the Pareto
+    front as a line, the plan ``found`` as a star and the plan ``in_force`` ringed. Each point's
+    customdata is its candidate's step."""
+    colors = [figures.GREEN if meets else "#999" for meets in candidates["meets_target"]]
+    hover = "step %{customdata}: %{text}<br>%{x:,} weight bytes<br>output SQNR %{y:.2f} dB<extra></extra>"
+
+    def points(rows, name, **style):
+        return go.Scatter(
+            x=rows["weight_bytes"].tolist(),
+            y=_finite(rows["output_sqnr"]),
+            customdata=rows["step"].tolist(),
+            text=rows["changed"].tolist(),
+            name=name,
+            hovertemplate=hover,
+            **style,
+        )
+
+    fig = go.Figure(
+        [
+            points(candidates, "candidates", mode="markers", marker={"color": colors, "size": 9}),
+            points(
+                front,
+                "Pareto front",
+                mode="lines+markers",
+                marker={"color": "#4c78a8", "size": 11},
+                line={"color": "#4c78a8", "width": 2},
+            ),
+        ]
+    )
+    for step, name, marker in (
+        (found, "plan found", {"symbol": "star", "size": 18, "color": figures.AMBER}),
+        (
+            in_force,
+            "plan in force",
+            {"symbol": "circle-open", "size": 22, "color": "#222", "line": {"width": 2}},
+        ),
+    ):
+        if step is not None:
+            rows = candidates[candidates["step"] == step]
+            fig.add_trace(points(rows, name, mode="markers", marker=marker))
+    if target is not None:
+        fig.update_layout(
+            shapes=[
+                {
+                    "type": "line",
+                    "xref": "paper",
+                    "x0": 0,
+                    "x1": 1,
+                    "yref": "y",
+                    "y0": target,
+                    "y1": target,
+                    "name": "target",
+                    "line": {"color": figures.RED, "width": 1, "dash": "dot"},
+                }
+            ]
+        )
+    fig.update_xaxes(title_text="weight size (bytes)")
+    fig.update_yaxes(title_text="model output SQNR (dB)")
+    fig.update_layout(
+        title={"text": TITLE, "x": 0.01, "font": {"size": 14}},
+        clickmode="event",
+        hovermode="closest",
+        template="plotly_white",
+        height=420,
+        margin={"l": 60, "r": 15, "t": 40, "b": 45},
+        legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"},
+    )
+    return fig
+
+
+class ParetoView(_StateView):
+    """Target SQNR, Search, and the candidates' Pareto plot; clicking a point applies its plan."""
+
+    target = param.Number(default=30.0, bounds=(0, None), doc="Model output SQNR to reach (dB).")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.target_input = pn.widgets.FloatInput.from_param(
+            self.param.target, label="target output SQNR (dB)", step=1, width=200
+        )
+        self.button = pn.widgets.Button(
+            label="Search",
+            color="primary",
+            description="Start with every layer at int4, raise the worst layer until the target is met.",
+            align="end",
+        )
+        self.button.on_click(lambda _: self.run())
+        self.note = pn.pane.Markdown(
+            CANNOT, visible=False, margin=(0, 10), styles={"color": "#555"}
+        )
+        self.progress = TaskProgress("candidate")
+        self.pane = pn.pane.Plotly(
+            config=_PLOTLY_CONFIG, sizing_mode="stretch_width", name="pareto"
+        )
+        self.placeholder = pn.pane.Markdown("", margin=(10, 10), styles={"color": "#555"})
+        self.chart = pn.Column(self.placeholder, sizing_mode="stretch_width", margin=0)
+        self.result: SearchResult | None = None
+        self.searched_target: float | None = None
+        self._plans: dict[int, Plan] = {}
+        self.thread: threading.Thread | None = None
+        self.pane.param.watch(self._on_click, "click_data")
+        self.state.param.watch(self._redraw, "version")
+        self.state.param.watch(self._on_task, "task")
+        self._redraw()
+        self._on_task()
+
+    # -- drawing ---------------------------------------------------------------------------------
+    def _redraw(self, *_):
+        """The plot once a search ran; until then a line of text (no plot to load)."""
+        if self.result is None:
+            why = (
+                "set a target and press Search"
+                if self.state.can_apply
+                else "this session cannot search"
+            )
+            self.placeholder.object = f"No search yet: {why}."
+            self.pane.object = None
+            shown = self.placeholder
+        else:
+            self.pane.object = self._guard(
+                "the Pareto plot",
+                self._figure,
+                lambda: figures.message_figure("Size vs error", "could not draw this chart", 420),
+            )
+            shown = self.pane
+        if self.chart.objects != [shown]:  # the plot joins the page only once there is one
+            self.chart.objects = [shown]
+
+    def _figure(self) -> go.Figure:
+        plan = self.state.plan
+        in_force = next((step for step, p in self._plans.items() if p == plan), None)
+        found = None
+        if self.result.plan is not None:
+            found = next((step for step, p in self._plans.items() if p == self.result.plan), None)
+        return pareto_figure(
+            self.result.candidates, self.result.pareto(), self.searched_target, found, in_force
+        )
+
+    # -- the search ------------------------------------------------------------------------------
+    def run(self) -> threading.Thread | None:
+        """Start ``session.search(target_sqnr=target)`` on a worker thread; returns the thread,
+        or None when the session cannot search or another task runs."""
+        if not self.state.can_apply:
+            self.state.notify(CANNOT.replace("`", ""), "warning")
+            return None
+        target, ui = float(self.target), ui_caller()
+        self.progress.start(f"searching for {target:g} dB ...")
+        self.thread = self.state.run_task(
+            TASK, lambda: self._search(target, ui), lambda r: self._done(r, target), ui
+        )
+        if self.thread is None:
+            self.progress.finish("")
+        return self.thread
+
+    def _search(self, target: float, ui) -> SearchResult:
+        def callback(tried, most):
+            ui(self.progress.update, tried, most)
+
+        return self.state.session.search(target_sqnr=target, callback=callback)
+
+    def _done(self, result: SearchResult, target: float) -> None:
+        self.state.refresh()  # every candidate was a real apply: re-read the plan in force
+        self._plans = {int(r.step): Plan.from_json(r.plan) for r in result.candidates.itertuples()}
+        self.result, self.searched_target = result, target
+        count = len(result.candidates)
+        self.progress.finish(f"tried {count} candidates in {self.progress.elapsed:.1f} s")
+        self._redraw()
+        if result.plan is None:
+            text = f"no candidate reached {target:g} dB: click a point to apply one anyway"
+        else:
+            best = result.candidates[result.candidates["meets_target"]].iloc[0]
+            text = (
+                f"search done: candidate {int(best.step)} meets {target:g} dB with "
+                f"{int(best.weight_bytes):,} weight bytes; click a point to apply its plan"
+            )
+        self.state.notify(text, "success" if result.plan is not None else "warning")
+
+    def _on_task(self, *_):
+        running = bool(self.state.task)
+        self.button.disabled = self.target_input.disabled = running or not self.state.can_apply
+        self.note.visible = not self.state.can_apply
+        if not running and self.progress.running:  # the task ended without _done: it failed
+            self.progress.finish("the search stopped: see the message above")
+            self.state.refresh()  # it applied candidates before failing: re-read the plan in force
+
+    # -- picking ---------------------------------------------------------------------------------
+    def pick(self, step: int) -> bool:
+        """Apply candidate ``step``'s plan (undoable; every view updates)."""
+        if step not in self._plans:
+            return False
+        row = self.result.candidates.set_index("step").loc[step]
+        what = (
+            f"applied search candidate {step} ({row['changed']}): "
+            f"{int(row['weight_bytes']):,} weight bytes, output SQNR {row['output_sqnr']:.2f} dB"
+        )
+        with pn.io.hold():
+            return self.state.apply_plan(self._plans[step], what)
+
+    def _on_click(self, event):
+        points = (event.new or {}).get("points") or []
+        step = points[0].get("customdata") if points else None
+        if isinstance(step, (int, float)):
+            self.pick(int(step))
+
+    def __panel__(self):
+        return pn.Column(
+            pn.Row(self.target_input, self.button),
+            self.note,
+            self.progress,
+            self.chart,
+            sizing_mode="stretch_width",
+        )
