@@ -10,7 +10,8 @@ Precision rules, on quantized layers:
   central range (the ``outlier_percentile`` two-sided range of the recorded histogram).
 - ``per_tensor_weight_spread``: per-tensor weights whose output channels' abs-max (of the float
   weight, BN folded) reach ``channel_spread`` times their median.
-- ``heavy_clipping``: more than ``clip_frac`` of the calibration outputs fall outside the range.
+- ``heavy_clipping``: more than ``clip_frac`` of the calibration outputs fall outside the range
+  by more than half a quantization step (closer ones round to the range's end like any value).
 - ``dead_or_constant_channels``: output channels whose folded float weights are all ~0 (abs-max
   at most ``dead_channel`` times the layer's largest): whatever the input, such a channel outputs
   its bias, a constant (zero after a ReLU when the bias is not positive). The weights show this
@@ -176,13 +177,21 @@ def _spread(layer, row, absmax, t: Thresholds) -> dict | None:
 
 def _clipping(layer, point, row, t: Thresholds) -> dict | None:
     clip = row["clip_frac"]
-    if point is None or not clip > t.clip_frac:
+    if point is None or not point.stats.saw_data or not clip > t.clip_frac:
         return None
     scale, zp = row["scale"], row["zero_point"]
     lo, hi = (point.info["quant_min"] - zp) * scale, (point.info["quant_max"] - zp) * scale
+    # values within half a step of the range round to its end, as any value rounds to its
+    # nearest level: they lose no more than rounding (a minmax range whose zero point was
+    # rounded can end just below the max, and a tensor may hold many values at its max)
+    beyond = point.stats.histogram.fraction_outside(lo - scale / 2, hi + scale / 2)
+    if not beyond > t.clip_frac:
+        return None
     evidence = (f"{clip:.2%} of the output values seen at calibration fall outside the quantization "
                 f"range [{lo:.4g}, {hi:.4g}] (observer {row['observer']}, values "
                 f"[{row['min']:.4g}, {row['max']:.4g}]) and are clipped")
+    if beyond < clip:
+        evidence += f"; {beyond:.2%} by more than half a step ({scale / 2:.3g})"
     fix = (f"widen the range: activation 'minmax' or a higher 'percentile' "
            f"({_apply(layer, activation='minmax')}); if a few outliers force the clipping, see "
            "activation_outliers")
