@@ -24,7 +24,7 @@ from qviz.analysis.compare import Comparator, find_layers, serialized_size, weig
 from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.search import search
-from qviz.analysis.sensitivity import Sensitivity, sweep
+from qviz.analysis.sensitivity import VARIANTS, Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
@@ -438,12 +438,14 @@ class Session:
         session.results.timeline = timeline
         return session
 
-    def sensitivity(self, *, eval_fn=None, executor=None, progress=None, callback=None) -> Sensitivity:
+    def sensitivity(self, *, eval_fn=None, executor=None, progress=None, callback=None,
+                    variants=VARIANTS) -> Sensitivity:
         """What quantizing each layer alone costs, most sensitive first (see
         :mod:`qviz.analysis.sensitivity`): no calibration pass, and the plan and models stay as
         they are. Kept in ``results.sensitivity`` for save() and report(); ``eval_fn(model)``
         (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers;
-        ``callback(done, total)`` follows the layers (a progress bar)."""
+        ``callback(done, total)`` follows the layers (a progress bar); ``variants`` limits the
+        figures measured (e.g. ``("quantize_only",)``, a quarter of the work)."""
         results = self._results()
         if self._model is None:
             metric = None if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
@@ -463,7 +465,7 @@ class Session:
                       float_layers=list(table.index[~table["quantized"].astype(bool)]),
                       backend=self.backend, eval_fn=eval_fn, executor=executor,
                       progress=self.progress if progress is None else progress,
-                      cache_bytes=self.cache_bytes, callback=callback)
+                      cache_bytes=self.cache_bytes, callback=callback, variants=variants)
         results.sensitivity = found.to_dataframe()
         return found
 

@@ -169,6 +169,19 @@ def test_a_forking_process_pool_is_refused_with_the_fix(demo):
             s.sensitivity(executor=pool)
 
 
+def test_variants_limit_the_work_and_keep_the_ranking(demo):
+    s, frame = demo
+    quick = s.sensitivity(variants=("quantize_only",)).to_dataframe()
+    pd.testing.assert_series_equal(quick["quantize_only"], frame["quantize_only"], check_exact=True)
+    assert list(quick.index) == list(frame.index)
+    assert quick[["skip_only", "weight_only", "activation_only"]].isna().all().all()
+    with pytest.raises(ConfigError, match="quantize_only included"):
+        s.sensitivity(variants=("skip_only",))
+    with pytest.raises(ConfigError, match="variants must name"):
+        s.sensitivity(variants=("quantize_only", "everything"))
+    s.sensitivity()  # leave the full sweep stored for the tests that follow
+
+
 def test_cached_partial_runs_equal_full_runs(demo):
     s, frame = demo
     table = s.to_dataframe()

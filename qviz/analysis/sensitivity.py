@@ -345,24 +345,28 @@ class _Sweep:
             acc.add(ref.output(i, {}), run.output(i, swaps))
         return acc.result()["sqnr"]
 
-    def measure(self, layer: str) -> dict[str, float]:
-        """The four variants' metrics for ``layer``."""
+    def measure(self, layer: str, variants=VARIANTS) -> dict[str, float]:
+        """The metrics of ``variants`` for ``layer`` (NaN for the others)."""
         spec = self.specs[layer]
         ref_layer, q_layer = self.reference.get_submodule(layer), self.quantized.get_submodule(layer)
         requant = spec.requantize or (None, None)
-        variants = {
-            "quantize_only": ("reference", QuantizedOnly(q_layer, spec.input_qparams)),
-            "skip_only": ("quantized", FloatLayer(ref_layer, *requant)),
-            "weight_only": ("reference", weight_quantized(ref_layer, q_layer)),
-            "activation_only": ("reference", None if spec.output_qparams is None
-                                else FakeQuantOutput(ref_layer, spec.output_qparams)),
+        builders = {
+            "quantize_only": lambda: ("reference", QuantizedOnly(q_layer, spec.input_qparams)),
+            "skip_only": lambda: ("quantized", FloatLayer(ref_layer, *requant)),
+            "weight_only": lambda: ("reference", weight_quantized(ref_layer, q_layer)),
+            "activation_only": lambda: ("reference", None if spec.output_qparams is None
+                                        else FakeQuantOutput(ref_layer, spec.output_qparams)),
         }
-        return {name: math.nan if module is None else self.metric(which, {layer: module})
-                for name, (which, module) in variants.items()}
+        found = dict.fromkeys(VARIANTS, math.nan)
+        for name in variants:
+            which, module = builders[name]()
+            if module is not None:
+                found[name] = self.metric(which, {layer: module})
+        return found
 
-    def measure_all(self, layers: list[str]) -> dict[str, dict[str, float]]:
+    def measure_all(self, layers: list[str], variants=VARIANTS) -> dict[str, dict[str, float]]:
         with quiet_torch(), quantized_engine(self.backend), torch.no_grad():
-            return {n: self.measure(n) for n in layers}
+            return {n: self.measure(n, variants) for n in layers}
 
 
 def _unpack(payload: bytes) -> _Sweep:
@@ -371,9 +375,9 @@ def _unpack(payload: bytes) -> _Sweep:
     return job
 
 
-def _measure_chunk(job: _Sweep, layers: list[str]) -> dict[str, dict[str, float]]:
+def _measure_chunk(job: _Sweep, layers: list[str], variants) -> dict[str, dict[str, float]]:
     """An executor's work unit; in-process executors share the caller's objects, so they copy."""
-    return (job if job.private else job.copy()).measure_all(layers)
+    return (job if job.private else job.copy()).measure_all(layers, variants)
 
 
 # torch 2.13 cannot pickle some of what sessions hold: quantized convs (their __setstate__ skips
@@ -425,15 +429,27 @@ def _check_executor(executor) -> None:
         )
 
 
+def _check_variants(variants) -> tuple[str, ...]:
+    variants = tuple(variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "quantize_only" not in variants:
+        raise ConfigError(f"variants must name some of {', '.join(VARIANTS)}, quantize_only included "
+                          f"(it ranks the layers); got {variants}")
+    return variants
+
+
 def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: list[str], *,
           float_layers=(), backend: str = "x86", eval_fn: Callable | None = None, executor=None,
           progress: bool = True, cache_bytes: int = 512 * 2**20,
-          callback: Callable[[int, int], None] | None = None) -> Sensitivity:
+          callback: Callable[[int, int], None] | None = None, variants=VARIANTS) -> Sensitivity:
     """Measure every layer of ``layers`` (module names shared by ``reference`` and ``quantized``);
     ``float_layers`` are float in ``quantized`` already and need no work. ``callback(done, total)``
-    is called after each measured layer (e.g. a dashboard's progress bar). See the module doc."""
+    is called after each measured layer (e.g. a dashboard's progress bar). ``variants`` limits the
+    figures measured (the others are NaN; "quantize_only", which ranks, is required). See the
+    module doc."""
     metric = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
     _check_executor(executor)
+    variants = _check_variants(variants)
     float_layers = set(float_layers)
     work = [n for n in layers if n not in float_layers]
     with quiet_torch(), quantized_engine(backend), torch.no_grad():
@@ -441,13 +457,13 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
                      backend, cache_bytes)
         float_metric = math.inf if eval_fn is None else job.metric("reference", {})
         quantized_metric = job.metric("quantized", {}) if len(work) < len(layers) else math.nan
-    rows = {n: {**dict.fromkeys(VARIANTS, float_metric), "skip_only": quantized_metric}
-            for n in layers if n not in work}
+    rows = {n: {v: (quantized_metric if v == "skip_only" else float_metric) if v in variants else math.nan
+                for v in VARIANTS} for n in layers if n not in work}
     with tqdm(total=len(work), desc="qviz: sensitivity", unit="layer", leave=False,
               disable=not progress) as bar:
         if executor is None:
             for n in work:
-                rows.update(job.measure_all([n]))
+                rows.update(job.measure_all([n], variants))
                 bar.update()
                 if callback is not None:
                     callback(len(rows) - len(layers) + len(work), len(work))
@@ -458,7 +474,7 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
             # it, and tracing patches nn.Module.__call__ for every thread. (Not before forking a
             # process pool: OpenMP threads just used by the copy can hang the forked workers.)
             jobs = [job.copy() if isinstance(executor, ThreadPoolExecutor) else job for _ in range(count)]
-            futures = [executor.submit(_measure_chunk, unit, work[k::count]) for k, unit in enumerate(jobs)]
+            futures = [executor.submit(_measure_chunk, unit, work[k::count], variants) for k, unit in enumerate(jobs)]
             for future in as_completed(futures):
                 part = future.result()
                 rows.update(part)
