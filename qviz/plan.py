@@ -787,6 +787,13 @@ class Plan(Mapping):
             out[key] = (float(scale), int(zp))
         return out
 
+    def code_for(self, meta: dict) -> str:
+        """:meth:`to_code` for the flow a session ran (``results.meta``: flow and its options)."""
+        flow = meta.get("flow")
+        if flow == "torchao":  # quantize_ code, with the session's scheme and group size
+            return self.to_code("torchao", **{k: v for k, v in meta.items() if k in ("scheme", "group_size")})
+        return self.to_code(flow) if flow in (*_CODE_FLOWS, "pt2e") else self.to_code()
+
     def to_code(
         self, flow: str = "fx", fixed_qparams: Mapping[str, tuple[float, int]] | None = None, **options
     ) -> str:
@@ -800,12 +807,17 @@ class Plan(Mapping):
         MinMaxObserver and says so. In FX, a layer whose input is not quantized yet (the
         model input, say) observes that input with its activation observer too, so a
         fixed observer pins the input's qparams as well. flow "torchao": an ``FqnToConfig``
-        for ``quantize_`` (``options``: ``scheme``, ``group_size``, as the session's).
+        for ``quantize_`` (``options``: ``scheme``, ``group_size``, as the session's); "pt2e":
+        ``build_quantizer()`` returning the X86InductorQuantizer.
         """
         if flow == "torchao":
             from qviz.flows.torchao_flow import torchao_code
 
             return torchao_code(self, **options)
+        if flow == "pt2e" and not options:
+            from qviz.flows.pt2e import pt2e_code
+
+            return pt2e_code(self)
         if options:
             raise ConfigError(f"to_code options {_choices(options)} apply to flow 'torchao' only")
         if not (isinstance(flow, str) and flow in _CODE_FLOWS):

@@ -114,6 +114,29 @@ def test_apply_float_matches_a_run_from_scratch(name):
     assert (restored[COLUMNS] - before[COLUMNS]).abs().max().max() < 1e-6
 
 
+def test_plan_code_builds_the_same_quantized_model():
+    """The emitted quantizer code, run without qviz, converts to the session's model."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model, calib, ev, session = _session("demo")
+    session.apply({"block_conv1": {"dtype": "float"}})
+    try:
+        code = session.plan.code_for(session.results.meta)
+        assert 'set_module_name_qconfig("block_conv1", None)' in code and "qviz" not in code.split('"""')[2]
+        namespace: dict = {}
+        exec(compile(code, "<plan>", "exec"), namespace)
+        dynamic = ({0: torch.export.Dim.AUTO},)
+        exported = torch.export.export(copy.deepcopy(model).eval(), (calib[0],), dynamic_shapes=dynamic).module()
+        prepared = prepare_pt2e(exported, namespace["build_quantizer"]())
+        with torch.no_grad():
+            for x in calib:
+                prepared(x)
+            ours, theirs = session.quantized_model()(ev[0]), convert_pt2e(prepared)(ev[0])
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    finally:
+        session.undo()
+
+
 def test_apply_refuses_what_the_default_quantizer_cannot_do():
     *_, session = _session("demo")
     with pytest.raises(ConfigError, match="quantizer"):

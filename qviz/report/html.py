@@ -275,12 +275,6 @@ def _diagnosis_section(frame: pd.DataFrame | None) -> str:
     return head + frame_table(frame, table_id="diagnosis-table", index=False) + "</section>"
 
 
-def _plan_code(plan, flow: str | None, meta: dict | None = None) -> str:
-    if flow == "torchao":  # quantize_ code, with the session's scheme and group size
-        return plan.to_code("torchao", **{k: v for k, v in (meta or {}).items() if k in ("scheme", "group_size")})
-    return plan.to_code(flow=flow) if flow in ("fx", "eager", "dynamic") else plan.to_code()
-
-
 def _plan_section(session, results) -> str:
     head = '<section id="plan"><h2>Plan</h2>'
     plan = getattr(session, "plan", None)
@@ -291,7 +285,7 @@ def _plan_section(session, results) -> str:
     rows = pd.DataFrame.from_dict({name: {**config.to_dict(), "description": config.describe()}
                                    for name, config in plan.items()}, orient="index")
     rows.index.name = "layer"
-    code = _plan_code(plan, results.meta.get("flow"), results.meta)
+    code = plan.code_for(results.meta)
     return (head + frame_table(rows, table_id="plan-table", caption=f"the plan in force (backend {plan.backend})")
             + "<h3>As code (plain torch, no qviz needed)</h3>"
             + f'<pre id="plan-code"><code>{_e(code)}</code></pre></section>')

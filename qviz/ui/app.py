@@ -57,12 +57,11 @@ class Dashboard(Viewer):
         """The dashboard's parts, top to bottom: figures, messages, then one tab per view."""
         # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
-        tabs = pn.Tabs(("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
-                       ("Mixed precision", self.pareto), dynamic=False, sizing_mode="stretch_width")
-        tabs.append(("QAT", self.qat))
+        tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
+                ("Mixed precision", self.pareto), ("QAT", self.qat)]
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
-        return [self.summary, self.messages, tabs]
+        return [self.summary, self.messages, pn.Tabs(*tabs, dynamic=False, sizing_mode="stretch_width")]
 
     def _layers_tab(self) -> pn.Row:
         """Layer table, depth chart and config editor beside the selected layer's view."""

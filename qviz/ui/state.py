@@ -147,11 +147,7 @@ class DashboardState(param.Parameterized):
         plan = self.plan
         if plan is None or not hasattr(plan, "to_code"):
             return ""
-        meta = getattr(getattr(self.session, "results", None), "meta", None) or {}
-        flow = meta.get("flow")
-        if flow == "torchao":  # quantize_ code, with the session's scheme and group size
-            return plan.to_code("torchao", **{k: v for k, v in meta.items() if k in ("scheme", "group_size")})
-        return plan.to_code(flow=flow) if flow in ("fx", "eager", "dynamic") else plan.to_code()
+        return plan.code_for(getattr(getattr(self.session, "results", None), "meta", None) or {})
 
     def apply(self, changes: dict) -> bool:
         """``session.apply(changes)`` ({layer: {field: value}}); a QvizError becomes the message."""
