@@ -18,8 +18,8 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import qviz
 from qviz.analysis.sensitivity import COLUMNS, sweep
-from qviz.errors import ConfigError
 from qviz.demo import accuracy, calibration_batches, eval_batches, load_demo_model
+from qviz.errors import ConfigError
 from tests.helpers import assert_unchanged, model_snapshot
 
 pytestmark = pytest.mark.filterwarnings(
@@ -96,8 +96,8 @@ def test_planted_outlier_ranks_first_and_is_diagnosed():
     assert planted.loc["aux", "quantize_only"] < clean.loc["aux", "quantize_only"] - 20
     assert planted.loc["aux", "activation_only"] < planted.loc["aux", "weight_only"] - 20
     found = s.diagnose()
-    assert ("aux", "activation_outliers", "high") in set(zip(found.layer, found.cause, found.severity))
-    assert ("aux", "sensitive") in set(zip(found.layer, found.cause))
+    assert ("aux", "activation_outliers", "high") in set(zip(found.layer, found.cause, found.severity, strict=True))
+    assert ("aux", "sensitive") in set(zip(found.layer, found.cause, strict=True))
 
 
 def test_frame_contract(demo):

@@ -19,7 +19,7 @@ def _caught(say: bool) -> list:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_torch(say_deprecation=say):
-            warnings.warn("torch.ao.quantization is deprecated", DeprecationWarning)
+            warnings.warn("torch.ao.quantization is deprecated", DeprecationWarning, stacklevel=1)
     return [str(w.message) for w in caught]
 
 

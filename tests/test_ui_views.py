@@ -244,8 +244,9 @@ def test_weight_chart_shows_per_channel_scales(session, state):
 
 def test_display_bins_keep_every_count_and_split_at_cuts():
     rng = np.random.default_rng(0)
-    from qviz.capture.histogram import StreamingHistogram
     import torch
+
+    from qviz.capture.histogram import StreamingHistogram
 
     hist = StreamingHistogram(2048)
     hist.update(torch.from_numpy(rng.normal(size=50_000).astype(np.float32)))
