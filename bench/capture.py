@@ -40,6 +40,7 @@ for _category in (DeprecationWarning, UserWarning, FutureWarning):
 
 import torch  # noqa: E402
 import torch.ao.ns._numeric_suite_fx as ns  # noqa: E402
+from common import make_data, quiet_warnings  # noqa: E402
 from torch.ao.ns.fx.utils import compute_sqnr  # noqa: E402
 from torch.ao.quantization import get_default_qconfig_mapping  # noqa: E402
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
@@ -51,34 +52,6 @@ TARGET_RATIO = 1.5
 STAGES = ("prepare", "calibrate", "convert", "NS compare")
 
 
-def quiet_warnings() -> None:
-    """Drop torch's deprecation / quantized-tensor chatter, whoever it is attributed to.
-
-    torch warns with ``stacklevel`` > 1, so many of its warnings are attributed to the caller
-    (this script, qviz) rather than to a ``torch.*`` module; the messages are matched too.
-    """
-    for category in (DeprecationWarning, UserWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"torch(\.|$)")
-        warnings.filterwarnings(
-            "ignore",
-            category=category,
-            message=r".*(torch\.ao|quantiz|observer|qconfig|TypedStorage).*",
-        )
-
-
-def make_data(quick: bool) -> tuple[list[torch.Tensor], torch.Tensor, str]:
-    gen = torch.Generator().manual_seed(1)
-    if quick:
-        n_batches, batch, size, eval_batch = 2, 4, 112, 4
-    else:
-        n_batches, batch, size, eval_batch = 4, 8, 224, 8
-    calib = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(n_batches)]
-    comparison = torch.randn(eval_batch, 3, size, size, generator=gen)
-    what = (
-        f"{n_batches} calib batches of {batch} ({n_batches * batch} images), comparison batch "
-        f"of {eval_batch}, {size}x{size}"
-    )
-    return calib, comparison, what
 
 
 def run_plain(model, calib, comparison) -> tuple[dict[str, float], dict]:

@@ -52,6 +52,7 @@ for _category in (DeprecationWarning, UserWarning, FutureWarning):
 
 import torch  # noqa: E402
 import torch.ao.ns._numeric_suite_fx as ns  # noqa: E402
+from common import make_data, quiet_warnings, timed  # noqa: E402
 from torch.ao.ns.fx.utils import compute_sqnr  # noqa: E402
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
 
@@ -66,26 +67,6 @@ CHANGE = {"weight": "per_tensor"}
 STAGES = ("prepare", "calibrate", "convert", "NS compare")
 
 
-def quiet_warnings() -> None:
-    """Drop deprecation / user / future warnings, whoever they are attributed to (torch warns
-    with ``stacklevel`` > 1, and qviz may reset filters inside its own context managers)."""
-    for category in (DeprecationWarning, UserWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
-def make_data(quick: bool) -> tuple[list[torch.Tensor], torch.Tensor, str]:
-    gen = torch.Generator().manual_seed(1)
-    if quick:
-        n_batches, batch, size, eval_batch = 2, 4, 112, 2
-    else:
-        n_batches, batch, size, eval_batch = 4, 8, 224, 8
-    calib = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(n_batches)]
-    comparison = torch.randn(eval_batch, 3, size, size, generator=gen)
-    what = (
-        f"{n_batches} calib batches of {batch} ({n_batches * batch} images), comparison batch "
-        f"of {eval_batch}, {size}x{size}"
-    )
-    return calib, comparison, what
 
 
 def run_naive(model, calib, comparison, plan) -> tuple[dict[str, float], dict]:
@@ -141,13 +122,6 @@ def ns_sqnr(results: dict, fqn: str) -> float:
                     return float(entry["sqnr"][0])
     return math.nan
 
-
-def timed(fn) -> tuple[float, float]:
-    """(wall s, CPU s) of ``fn()``, after a gc pass outside the timing."""
-    gc.collect()
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def fmt(seconds: float) -> str:
@@ -227,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             assert target != session.plan, f"{CHANGE} changes nothing on {layer}"
             gc.collect()
             n_times, n_results = run_naive(model, calib, comparison, target)
-            a_wall, a_cpu = timed(lambda layer=layer: session.apply({layer: CHANGE}))
+            _, a_wall, a_cpu = timed(lambda layer=layer: session.apply({layer: CHANGE}))
             assert session.plan == target, "apply did not reach the naive pipeline's plan"
             frame = session.to_dataframe()
-            u_wall, u_cpu = timed(session.undo)
+            _, u_wall, u_cpu = timed(session.undo)
             assert session.plan == base_plan, "undo did not restore the plan"
             naive[layer].append(n_times)
             apply[layer].append((a_wall, a_cpu))

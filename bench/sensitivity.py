@@ -43,6 +43,7 @@ for _category in (DeprecationWarning, UserWarning, FutureWarning):
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from common import make_data, quiet_warnings, timed  # noqa: E402
 from torch.ao.ns.fx.utils import compute_sqnr  # noqa: E402
 from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping  # noqa: E402
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
@@ -56,26 +57,6 @@ TOP = 5
 STAGES = ("prepare", "calibrate", "convert", "evaluate")
 
 
-def quiet_warnings() -> None:
-    """Drop deprecation / user / future warnings, whoever they are attributed to (torch warns
-    with ``stacklevel`` > 1, and qviz may reset filters inside its own context managers)."""
-    for category in (DeprecationWarning, UserWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
-def make_data(quick: bool) -> tuple[list[torch.Tensor], torch.Tensor, str]:
-    gen = torch.Generator().manual_seed(1)
-    if quick:
-        n_batches, batch, size, eval_batch = 2, 4, 112, 2
-    else:
-        n_batches, batch, size, eval_batch = 4, 8, 224, 8
-    calib = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(n_batches)]
-    comparison = torch.randn(eval_batch, 3, size, size, generator=gen)
-    what = (
-        f"{n_batches} calib batches of {batch} ({n_batches * batch} images), comparison batch "
-        f"of {eval_batch}, {size}x{size}"
-    )
-    return calib, comparison, what
 
 
 def only_this_layer(model, layer: str) -> QConfigMapping:
@@ -112,13 +93,6 @@ def run_naive(model, calib, comparison, float_out, layer: str) -> tuple[float, d
         torch.backends.quantized.engine = before
     return sqnr, dict(zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True))
 
-
-def timed(fn):
-    """(result, wall s, CPU s) of ``fn()``, after a gc pass outside the timing."""
-    gc.collect()
-    c0, t0 = time.process_time(), time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -392,9 +392,13 @@ def test_cli_serve_arguments(session_file, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_panel_serve_script_builds_the_app(session_file, monkeypatch):
+def test_panel_serve_script_builds_the_app(session, session_file, monkeypatch):
+    script = str(ROOT / "app" / "qviz_app.py")
     monkeypatch.setattr(sys, "argv", ["qviz_app.py", str(session_file)])
-    runpy.run_path(str(ROOT / "app" / "qviz_app.py"))  # servable() is a no-op outside a server
+    page = runpy.run_path(script)["app"]  # servable() is a no-op outside a server
+    assert page.dashboard.state.table.equals(session.to_dataframe()) and page.dashboard.compare is None
+    monkeypatch.setattr(sys, "argv", ["qviz_app.py", str(session_file), str(session_file)])
+    assert runpy.run_path(script)["app"].dashboard.compare is not None  # the second file: Compare tab
 
 
 # -- the config editor (against a stand-in for the coming Session.apply) ---------------------------

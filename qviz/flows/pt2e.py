@@ -22,13 +22,10 @@ the same node: the output's own rounding shows in the next layer's numbers.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-import logging
 import math
-import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,6 +33,7 @@ from torch import nn
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend, is_quant_point, neutral_reference
+from qviz.flows.torchao_flow import quiet_torchao
 from qviz.plan import LayerConfig, Plan
 from qviz.whatif import activation_qparams, fix_qparams
 
@@ -55,22 +53,6 @@ _EPILOGUE = (
     "hardswish_",
     "sigmoid",
 )
-
-
-@contextlib.contextmanager
-def quiet_torchao():
-    """Hide torchao's harmless import noise on CPU ("Failed to load ..._C_mxfp8", pytree notes)."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def torchao_pt2e():
