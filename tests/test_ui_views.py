@@ -415,6 +415,9 @@ class _Plan(dict):
     def to_code(self, flow: str = "fx") -> str:
         return f"# {flow}\n" + "\n".join(f"{layer} = {config!r}" for layer, config in self.items())
 
+    def code_for(self, meta: dict) -> str:
+        return self.to_code(meta.get("flow", "fx"))
+
 
 _PENALTY = {"int8": 0.0, "int4": 12.0, "fp16": -40.0, "float": -math.inf}
 

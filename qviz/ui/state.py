@@ -145,7 +145,7 @@ class DashboardState(param.Parameterized):
     def plan_code(self) -> str:
         """The plan as runnable code for the session's flow ('' without a plan)."""
         plan = self.plan
-        if plan is None or not hasattr(plan, "to_code"):
+        if plan is None:
             return ""
         return plan.code_for(getattr(getattr(self.session, "results", None), "meta", None) or {})
 
