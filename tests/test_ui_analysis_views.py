@@ -301,7 +301,7 @@ def test_clicking_a_point_applies_its_plan_and_undo_restores(live):
     )
     traces = {t.name: t for t in view.pane.object.data}
     assert list(traces["plan in force"].customdata) == [step]
-    assert dashboard.editor.code.value == live.plan.to_code(flow="fx")
+    assert dashboard.editor.code_text == live.plan.to_code(flow="fx")
     assert state.undo() and live.plan == start
     assert list({t.name: t for t in view.pane.object.data}["plan in force"].customdata) != [step]
 

@@ -3,6 +3,7 @@ figures and the Bokeh/Plotly models Panel sends to the browser (as Panel's own p
 
 from __future__ import annotations
 
+import html
 import math
 import runpy
 import subprocess
@@ -487,7 +488,8 @@ def test_editor_applies_shows_before_after_and_undoes(live):
     assert frame.loc["fc1.output_sqnr", "before"] == f"{before:.4g}"
     assert frame.loc["fc1.output_sqnr", "after"] == f"{before - 12:.4g}"
     assert frame.loc["fc1.dtype", "after"] == "int4"
-    assert "int4" in editor.code.value and editor.code.value == live.plan.to_code()
+    assert "int4" in editor.code_text and editor.code_text == live.plan.to_code()
+    assert html.escape(editor.code_text) in editor.code.object  # shown as selectable text
     assert dashboard.summary.sqnr.value == pytest.approx(live.summary()["output_sqnr"])
     assert state.selected_layer == "fc1" and editor.dtype == "int4"
     assert not editor.undo_button.disabled
@@ -531,7 +533,7 @@ def test_editor_drives_the_real_session_apply():
     assert editor.apply(), state.message
     assert live.plan["fc1"].dtype == "int4"
     pd.testing.assert_frame_equal(dashboard.table.widget.value, live.to_dataframe())
-    assert editor.code.value == live.plan.to_code(flow="fx")
+    assert editor.code_text == live.plan.to_code(flow="fx")
     record = live.record(state.activation_point("fc1"))
     grid = [s for s in dashboard.layer.histogram.object.layout.shapes if s.name == "grid"]
     assert len(grid) == record.info["quant_max"] - record.info["quant_min"] + 1  # 16 levels at 4 bits

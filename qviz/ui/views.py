@@ -8,6 +8,7 @@ point, code) selects it everywhere. A view that fails to draw says so in the sta
 
 from __future__ import annotations
 
+import html
 import io
 import logging
 import math
@@ -320,8 +321,11 @@ class ConfigEditor(_StateView):
         self.undo_button.on_click(lambda _: self.undo())
         self.compare = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=True,
                                             sizing_mode="stretch_width", label="before/after")
-        self.code = pn.widgets.CodeEditor(value="", language="python", readonly=True, height=220,
-                                          sizing_mode="stretch_width", label="plan code")
+        # plain <pre> text, selectable to copy: a code editor widget costs ~0.5 s of browser CPU
+        # at first render, and this code is read and copied, not edited
+        self.code_text = ""
+        self.code = pn.pane.HTML("", sizing_mode="stretch_width", name="plan code",
+                                 styles={"max-height": "220px", "overflow": "auto", "background": "#f7f7f7"})
         self.download = pn.widgets.FileDownload(callback=lambda: io.StringIO(self.state.plan_code()),
                                                 filename="qviz_plan.py", label="Download plan.py",
                                                 color="light")
@@ -348,7 +352,8 @@ class ConfigEditor(_StateView):
 
     def _on_version(self, *_):
         self._load_layer()
-        self.code.value = self._guard("the plan's code", self.state.plan_code, lambda: "")
+        self.code_text = self._guard("the plan's code", self.state.plan_code, lambda: "")
+        self.code.object = f"<pre style='margin: 4px 8px'>{html.escape(self.code_text)}</pre>"
         self.undo_button.disabled = not self.state.can_undo
 
     def _on_busy(self, event):
