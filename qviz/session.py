@@ -458,7 +458,8 @@ class Session:
             return Sensitivity.from_frame(stored)
         table = results.table
         if hasattr(self.flow, "sensitivity"):  # PT2E graphs have no layer modules to swap
-            found = self.flow.sensitivity(self, eval_fn=eval_fn, progress=self.progress if progress is None else progress)
+            found = self.flow.sensitivity(self, eval_fn=eval_fn, progress=self.progress if progress is None else progress,
+                                          callback=callback, variants=variants)
             results.sensitivity = found.to_dataframe()
             return found
         found = sweep(self._reference, self._quantized, self._eval, list(table.index),

@@ -163,11 +163,17 @@ def test_user_quantizer_is_used_and_apply_says_why_not():
 
 def test_sensitivity_report_and_session_file(tmp_path):
     *_, session = _session("demo")
+    calls = []
+    quick = session.sensitivity(variants=("quantize_only",), callback=lambda *a: calls.append(a))
+    assert calls == [(i, len(DEMO_LAYERS)) for i in range(1, len(DEMO_LAYERS) + 1)]
     found = session.sensitivity().to_dataframe()
     assert set(found.index) == set(DEMO_LAYERS)
     assert (
         found["quantize_only"].between(20, 100).all() and found["skip_only"].between(20, 100).all()
     )
+    quick = quick.to_dataframe()
+    assert quick["skip_only"].isna().all() and list(quick.index) == list(found.index)
+    assert (quick["quantize_only"] == found["quantize_only"]).all()
     path = session.report(tmp_path / "report.html")
     assert path.stat().st_size > 10_000 and "block_conv1" in path.read_text()
     session.save(tmp_path / "demo.qviz")

@@ -481,10 +481,15 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
                 bar.update(len(part))
                 if callback is not None:
                     callback(len(rows) - len(layers) + len(work), len(work))
+    return ranked(rows, layers, metric, float_metric, by_sqnr=eval_fn is None)
+
+
+def ranked(rows: dict, layers: list[str], metric: str, float_metric: float, *, by_sqnr: bool) -> Sensitivity:
+    """The per-layer variant figures ``rows`` as a ranked :class:`Sensitivity`: what quantizing
+    the layer alone costs (``-quantize_only`` dB, or the drop of the user's metric), most first."""
     frame = pd.DataFrame.from_dict({n: rows[n] for n in layers}, orient="index", columns=list(VARIANTS))
     frame = frame.astype(np.float64)
-    lost = -frame["quantize_only"] if eval_fn is None else float_metric - frame["quantize_only"]
-    frame["sensitivity"] = lost
+    frame["sensitivity"] = -frame["quantize_only"] if by_sqnr else float_metric - frame["quantize_only"]
     frame["float_metric"] = float_metric
     frame = frame.sort_values("sensitivity", ascending=False, kind="stable", na_position="last")
     frame.insert(0, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))

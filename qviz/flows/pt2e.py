@@ -540,16 +540,15 @@ class Pt2eFlow:
             quantized = quantize_pt2e.convert_pt2e(observed)
         return _insert_taps(quantized, self.groups, reference=False)
 
-    def sensitivity(self, session, *, eval_fn=None, progress: bool = False):
+    def sensitivity(self, session, *, eval_fn=None, progress: bool = False, callback=None,
+                    variants=("quantize_only", "skip_only")):
         """Per-layer sensitivity by real re-conversion (:meth:`reconvert`, recorded qparams):
         ``quantize_only`` is the plan with every other layer float, ``skip_only`` the session's plan
         with this layer float. ``weight_only`` / ``activation_only`` are NaN: a PT2E graph has no
         layer module to swap for a weight- or output-only variant."""
-        import numpy as np
-        import pandas as pd
         from tqdm.auto import tqdm
 
-        from qviz.analysis.sensitivity import DEFAULT_METRIC, VARIANTS, Sensitivity
+        from qviz.analysis.sensitivity import DEFAULT_METRIC, VARIANTS, ranked
 
         metric_name = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
         plan, table = session.plan, session.to_dataframe()
@@ -561,37 +560,21 @@ class Pt2eFlow:
             return session._comparator.compare(model, [])[1]["output_sqnr"]
 
         float_metric = math.inf if eval_fn is None else float(eval_fn(session.float_model()))
+        current = session.summary()["output_sqnr"] if eval_fn is None else float(eval_fn(session.quantized_model()))
         everything_float = {n: {"dtype": "float"} for n in plan}
-        rows = {}
-        for n in tqdm(
-            list(table.index),
-            desc="qviz: sensitivity",
-            unit="layer",
-            leave=False,
-            disable=not progress,
-        ):
-            if not table.loc[n, "quantized"]:
-                rows[n] = dict.fromkeys(VARIANTS, float_metric)
-                continue
-            rows[n] = {
-                "quantize_only": metric(
-                    plan.with_changes({**everything_float, n: {"dtype": plan[n].dtype}})
-                ),
-                "skip_only": metric(plan.with_changes({n: {"dtype": "float"}})),
-                "weight_only": math.nan,
-                "activation_only": math.nan,
-            }
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(VARIANTS)).astype(
-            np.float64
-        )
-        frame["sensitivity"] = (
-            -frame["quantize_only"] if eval_fn is None else float_metric - frame["quantize_only"]
-        )
-        frame["float_metric"] = float_metric
-        frame = frame.sort_values("sensitivity", ascending=False, kind="stable", na_position="last")
-        frame.insert(0, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
-        frame.index.name = "layer"
-        return Sensitivity(metric_name, frame)
+        layers, rows = list(table.index), {}
+        for n in tqdm(layers, desc="qviz: sensitivity", unit="layer", leave=False, disable=not progress):
+            rows[n] = dict.fromkeys(VARIANTS, math.nan)
+            if not table.loc[n, "quantized"]:  # already float: quantizing it alone changes nothing
+                rows[n].update(quantize_only=float_metric, skip_only=current)
+            else:
+                rows[n]["quantize_only"] = metric(
+                    plan.with_changes({**everything_float, n: {"dtype": plan[n].dtype}}))
+                if "skip_only" in variants:
+                    rows[n]["skip_only"] = metric(plan.with_changes({n: {"dtype": "float"}}))
+            if callback is not None:
+                callback(len(rows), len(layers))
+        return ranked(rows, layers, metric_name, float_metric, by_sqnr=eval_fn is None)
 
 
 def is_pt2e_prepared(model: nn.Module) -> bool:
