@@ -387,13 +387,15 @@ class Session:
                            quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
 
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
-               ladder=("int4", "int8", "float"), callback=None):
+               ladder=None, callback=None):
         """A mixed-precision plan meeting the target at the least weight size (see
         :mod:`qviz.analysis.search`); the session is left on its current plan.
-        ``callback(tried, most)`` follows the candidates (a progress bar)."""
+        ``callback(tried, most)`` follows the candidates (a progress bar); ``ladder`` defaults to
+        the flow's dtypes from cheap to precise (int4, int8, float; PT2E: int8, float)."""
         if not self.can_apply:
             raise ConfigError(self._why_no_apply())
         history, sweep = list(self._history), self.results.sensitivity
+        ladder = ladder or getattr(self.flow, "ladder", ("int4", "int8", "float"))
         try:
             return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder,
                           callback=callback)

@@ -161,6 +161,15 @@ def test_user_quantizer_is_used_and_apply_says_why_not():
         session.apply({"fc1": {"dtype": "float"}})
 
 
+def test_search_climbs_from_int8_to_float():
+    *_, session = _session("demo")
+    start, target = session.plan, session.summary()["output_sqnr"] + 1.0
+    result = session.search(target_sqnr=target)
+    assert result.plan is not None and session.plan == start
+    assert {c.dtype for _, c in result.plan.items()} == {"int8", "float"}  # some layers raised
+    assert result.candidates.iloc[-1]["output_sqnr"] >= target
+
+
 def test_sensitivity_report_and_session_file(tmp_path):
     *_, session = _session("demo")
     calls = []

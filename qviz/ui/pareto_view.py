@@ -25,7 +25,8 @@ TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
     "a file, or its flow or qconfigs are not qviz's. Re-create it from the float model with "
-    "`flow='fx'` or `'eager'` (and `plan=...` instead of your own qconfigs) to search."
+    "flow 'fx', 'eager', 'pt2e' or 'torchao' (and `plan=...` instead of your own qconfigs or "
+    "quantizer) to search."
 )
 
 
