@@ -330,3 +330,16 @@ def test_importing_torchao_through_qviz_is_quiet():
     assert out.returncode == 0, out.stderr
     assert "Failed to load" not in out.stderr + out.stdout
     assert "_pytree" not in out.stderr + out.stdout
+
+
+def test_dashboard_draws_int4_group_scales_as_groups(block_sessions):
+    from qviz.ui.app import Dashboard
+
+    s = block_sessions["int4_weight_only"]
+    dashboard = Dashboard(s)
+    dashboard.state.selected_layer = "fc2"
+    fig = dashboard.layer._weight_figure()
+    weight = s.quantized_model().get_submodule("fc2").weight
+    out_features, in_features = weight.shape
+    assert len(fig.data[0].y) == out_features * in_features // 32  # one bar per group of 32 inputs
+    assert "per group" in fig.layout.title.text and dashboard.state.message == ""

@@ -163,9 +163,12 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
 
 # -- per-channel weights ---------------------------------------------------------------------------
 def weight_scale_figure(record, layer: str) -> go.Figure:
-    """The weight point's scale per output channel (a single bar when per-tensor)."""
+    """The weight point's scale per output channel (a single bar when per-tensor); per-group
+    weights (torchao int4) show one bar per group, output channel by output channel."""
     scale = np.asarray(record.arrays.get("scale", []), dtype=np.float64).reshape(-1)
-    title = f"{layer}: weight scale per channel ({record.info.get('qscheme', '')})"
+    qscheme = str(record.info.get("qscheme", ""))
+    unit = "group" if qscheme.startswith("per_group") else "channel"
+    title = f"{layer}: weight scale per {unit} ({qscheme})"
     if scale.size == 0:
         return message_figure(title, "no weight scale recorded for this layer")
     zp = np.asarray(record.arrays.get("zero_point", np.zeros_like(scale)), dtype=np.float64).reshape(-1)
@@ -173,9 +176,9 @@ def weight_scale_figure(record, layer: str) -> go.Figure:
         zp = np.broadcast_to(zp, scale.shape) if zp.size == 1 else np.zeros_like(scale)
     channels = np.arange(scale.size)
     fig = go.Figure(go.Bar(x=channels, y=scale, name="scale", customdata=zp, marker={"color": "#72b7b2"},
-                           hovertemplate="channel %{x}<br>scale %{y:.4g}<br>zero point %{customdata}<extra></extra>"))
+                           hovertemplate=unit + " %{x}<br>scale %{y:.4g}<br>zero point %{customdata}<extra></extra>"))
     if scale.size > 1 and scale.min() > 0:
-        title += f" · {scale.size} channels, max/min {scale.max() / scale.min():.1f}x"
-    fig.update_xaxes(title_text="output channel")
+        title += f" · {scale.size} {unit}s, max/min {scale.max() / scale.min():.1f}x"
+    fig.update_xaxes(title_text="output channel" if unit == "channel" else "group (output channel-major)")
     fig.update_yaxes(title_text="scale")
     return _layout(fig, title, height=260)
