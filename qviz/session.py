@@ -248,6 +248,11 @@ class Session:
 
     # -- what-if -------------------------------------------------------------------------------
     @property
+    def is_live(self) -> bool:
+        """True when the session holds its models (run here), False when loaded from a file."""
+        return self._model is not None
+
+    @property
     def can_apply(self) -> bool:
         """True when this session holds models and owns the qconfigs, so apply() can work."""
         return (self.results is not None and self._model is not None and (self.flow.name in ("fx", "eager")

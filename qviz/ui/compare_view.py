@@ -105,7 +105,7 @@ def compare_depth_figure(diff: pd.DataFrame, selected=None) -> go.Figure:
     fig.update_layout(shapes=shapes, clickmode="event", hovermode="closest")
     fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
     fig.update_yaxes(title_text="output SQNR (dB)")
-    return figures._layout(
+    return figures.layout(
         fig, "A vs B: output SQNR along depth (click a point to select its layer)"
     )
 

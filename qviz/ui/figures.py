@@ -29,7 +29,7 @@ def sqnr_color(value: float) -> str | None:
     return RED if value < RED_DB else AMBER if value < AMBER_DB else GREEN
 
 
-def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+def layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
     fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 14}}, height=height,
                       margin={"l": 55, "r": 15, "t": 40, "b": 45}, template="plotly_white",
                       legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
@@ -43,7 +43,7 @@ def message_figure(title: str, text: str, height: int = 320) -> go.Figure:
                        font={"size": 13, "color": "#666"})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return _layout(fig, title, height)
+    return layout(fig, title, height)
 
 
 # -- error along depth ----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
     fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
     fig.update_yaxes(title_text="SQNR (dB)")
     fig.update_layout(clickmode="event", hovermode="closest")
-    return _layout(fig, "Error along depth (click a point to select its layer)")
+    return layout(fig, "Error along depth (click a point to select its layer)")
 
 
 # -- histogram ------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
     fig.update_layout(barmode="overlay", bargap=0)
     fig.update_xaxes(title_text="value")
     fig.update_yaxes(title_text="count", type="log" if log_y else "linear")
-    return _layout(fig, title)
+    return layout(fig, title)
 
 
 # -- per-channel weights ---------------------------------------------------------------------------
@@ -181,4 +181,4 @@ def weight_scale_figure(record, layer: str) -> go.Figure:
         title += f" · {scale.size} {unit}s, max/min {scale.max() / scale.min():.1f}x"
     fig.update_xaxes(title_text="output channel" if unit == "channel" else "group (output channel-major)")
     fig.update_yaxes(title_text="scale")
-    return _layout(fig, title, height=260)
+    return layout(fig, title, height=260)

@@ -187,7 +187,7 @@ def qparams_figure(timeline, point: str, events: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="training step", row=3, col=1)
     title = f"{info['layer']}: {point} ({info['role']}, {info['qscheme']}) over training"
     _mark_events(fig, events)
-    return figures._layout(fig, title, height=520)
+    return figures.layout(fig, title, height=520)
 
 
 def _rebinned_shares(hist, edges: np.ndarray) -> np.ndarray:
@@ -270,7 +270,7 @@ def heatmap_figure(timeline, point: str, events: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="training step")
     fig.update_yaxes(title_text="value")
     _mark_events(fig, events)
-    return figures._layout(fig, title, height=360)
+    return figures.layout(fig, title, height=360)
 
 
 def scalars_figure(timeline, events: pd.DataFrame) -> go.Figure:
@@ -294,7 +294,7 @@ def scalars_figure(timeline, events: pd.DataFrame) -> go.Figure:
         )
     fig.update_xaxes(title_text="training step")
     _mark_events(fig, events)
-    return figures._layout(fig, "logged scalars (rec.log)", height=300)
+    return figures.layout(fig, "logged scalars (rec.log)", height=300)
 
 
 class QatView(_StateView):

@@ -220,7 +220,7 @@ class DashboardState(param.Parameterized):
     def can_sweep(self) -> bool:
         """True when the session holds its models (a live run), so ``sensitivity()`` can measure;
         a session loaded from a file has only the sweep saved with it."""
-        return hasattr(self.session, "sensitivity") and getattr(self.session, "_model", None) is not None
+        return getattr(self.session, "is_live", False)
 
     def sensitivity_frame(self) -> pd.DataFrame | None:
         """The stored sweep (``results.sensitivity``, metric in ``.attrs``); None before one."""
