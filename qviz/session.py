@@ -248,6 +248,12 @@ class Session:
 
     # -- what-if -------------------------------------------------------------------------------
     @property
+    def editable(self) -> dict[str, tuple | None] | None:
+        """The plan fields this session's flow honours, with their allowed values (None: any);
+        None when every field applies (fx, eager). The dashboard's editor offers only these."""
+        return getattr(self.flow, "editable", None)
+
+    @property
     def is_live(self) -> bool:
         """True when the session holds its models (run here), False when loaded from a file."""
         return self._model is not None

@@ -337,3 +337,15 @@ def test_qat_pt2e_model_works_with_watch():
         "value"
     ]
     assert (moved.max() - moved.min()).max() > 0  # the weight scales follow training
+
+
+def test_dashboard_editor_offers_what_the_quantizer_runs():
+    from qviz.ui.state import DashboardState
+    from qviz.ui.views import ConfigEditor
+
+    *_, session = _session("demo")
+    editor = ConfigEditor(state=DashboardState(session))
+    assert editor.widgets["dtype"].options == ["int8", "float"] and not editor.widgets["dtype"].disabled
+    assert not editor.widgets["reduce_range"].disabled
+    assert all(editor.widgets[f].disabled for f in ("weight", "activation", "percentile"))
+    assert "flow pt2e" in editor.flow_note.object and editor.flow_note.visible

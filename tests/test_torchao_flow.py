@@ -343,3 +343,15 @@ def test_dashboard_draws_int4_group_scales_as_groups(block_sessions):
     out_features, in_features = weight.shape
     assert len(fig.data[0].y) == out_features * in_features // 32  # one bar per group of 32 inputs
     assert "per group" in fig.layout.title.text and dashboard.state.message == ""
+
+
+def test_dashboard_editor_offers_what_torchao_runs(block_sessions):
+    from qviz.ui.state import DashboardState
+    from qviz.ui.views import ConfigEditor
+
+    editor = ConfigEditor(state=DashboardState(block_sessions["int8_dynamic"]))
+    assert editor.widgets["dtype"].options == ["int8", "int4", "float"]
+    assert not editor.widgets["weight"].disabled
+    assert all(editor.widgets[f].disabled for f in ("activation", "percentile", "reduce_range"))
+    editor.activation = "percentile"  # the observer toggle must not re-enable it
+    assert editor.widgets["percentile"].disabled

@@ -541,3 +541,9 @@ def test_editor_drives_the_real_session_apply():
     assert editor.undo()
     assert live.plan["fc1"].dtype == original
     pd.testing.assert_frame_equal(dashboard.table.widget.value, live.to_dataframe())
+
+
+def test_editor_offers_every_option_for_fx(session):
+    editor = ConfigEditor(state=DashboardState(session))
+    assert not editor.flow_note.visible
+    assert not any(editor.widgets[f].disabled for f in ("dtype", "weight", "activation", "reduce_range"))

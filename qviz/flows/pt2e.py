@@ -357,6 +357,7 @@ class Pt2eFlow:
     name = "pt2e"
     needs_calibration = True
     ladder = ("int8", "float")  # what X86InductorQuantizer runs: the mixed-precision search's rungs
+    editable = {"dtype": ("int8", "float"), "reduce_range": None}  # plan fields it honours (see check_plan)
 
     def __init__(self, backend: str = "x86", quantizer=None):
         torchao_pt2e()  # fail early, with the install hint

@@ -109,6 +109,8 @@ class TorchaoFlow:
     name = "torchao"
     needs_calibration = False
     handed_over = False
+    # plan fields it honours (see check_plan): no observers, nothing to calibrate
+    editable = {"dtype": ("int8", "int4", "float"), "weight": ("per_channel", "per_tensor")}
 
     def __init__(
         self, backend: str = "x86", scheme: str = "int8_dynamic", group_size: int | None = 32

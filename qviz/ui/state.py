@@ -217,6 +217,11 @@ class DashboardState(param.Parameterized):
 
     # -- analysis (sensitivity, diagnosis) ------------------------------------------------------
     @property
+    def editable(self) -> dict | None:
+        """The config fields the session's flow honours and their choices (None: all of them)."""
+        return getattr(self.session, "editable", None)
+
+    @property
     def can_sweep(self) -> bool:
         """True when the session holds its models (a live run), so ``sensitivity()`` can measure;
         a session loaded from a file has only the sweep saved with it."""

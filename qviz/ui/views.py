@@ -314,6 +314,7 @@ class ConfigEditor(_StateView):
                  "reduce_range": pn.widgets.Checkbox}
         self.widgets = {f: kinds[f].from_param(getattr(self.param, f), label=f.replace("_", " "))
                         for f in self._FIELDS}
+        self._limit_to_flow()
         self.param.watch(self._toggle_percentile, "activation")
         self.apply_button = pn.widgets.Button(label="Apply", color="primary")
         self.undo_button = pn.widgets.Button(label="Undo", color="default")
@@ -337,8 +338,26 @@ class ConfigEditor(_StateView):
         self._on_version()
         self._toggle_percentile()
 
+    def _limit_to_flow(self) -> None:
+        """Offer only what the session's flow honours (PT2E: int8/float and reduce_range; torchao:
+        dtype and weight granularity); the rest is disabled and the note says why."""
+        editable = self.state.editable
+        self.flow_note = pn.pane.Markdown("", visible=editable is not None, margin=(0, 10),
+                                          styles={"color": "#555", "font-size": "0.9em"})
+        if editable is None:
+            return
+        for field, widget in self.widgets.items():
+            widget.disabled = field not in editable
+            if editable.get(field):
+                widget.options = list(editable[field])
+        flow = getattr(getattr(self.state.session, "flow", None), "name", "this flow")
+        self.flow_note.object = (f"flow {flow}: only {', '.join(editable)} apply here; other options "
+                                 "need a session of your own quantizer or flow")
+
     def _toggle_percentile(self, *_):
-        self.widgets["percentile"].disabled = self.activation != "percentile"
+        editable = self.state.editable
+        self.widgets["percentile"].disabled = self.activation != "percentile" or (
+            editable is not None and "percentile" not in editable)
 
     @property
     def enabled(self) -> bool:
@@ -395,7 +414,7 @@ class ConfigEditor(_StateView):
             if isinstance(widget, pn.widgets.RadioButtonGroup):  # it shows no label of its own
                 controls.append(pn.pane.Markdown(field, margin=(5, 10, 0, 10)))
             controls.append(widget)
-        return pn.Column(self.heading, *controls, pn.Row(self.apply_button, self.undo_button), self.messages,
+        return pn.Column(self.heading, self.flow_note, *controls, pn.Row(self.apply_button, self.undo_button), self.messages,
                          pn.pane.Markdown("##### Before / after", margin=(0, 10)), self.compare,
                          pn.pane.Markdown("##### Plan as code", margin=(0, 10)), self.code, self.download,
                          visible=self.enabled, sizing_mode="stretch_width")
