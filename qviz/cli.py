@@ -62,7 +62,8 @@ def _cmd_serve(args) -> int:
     against = f" compared with {args.compare}" if args.compare else ""
     print(f"qviz: serving {'the demo' if args.demo else args.path}{against} at http://{args.address}:{port}/ "
           "(Ctrl-C to stop)", flush=True)
-    serve(factory, compare=compare, port=port, address=args.address, show=not args.no_show, verbose=False)
+    serve(factory, compare=compare, port=port, address=args.address, show=not args.no_show, verbose=False,
+          slow=args.demo)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import panel as pn
 
 from qviz.errors import ConfigError, QvizError
 from qviz.ui.app import TITLE, build_app
+from qviz.ui.progress import TaskProgress, ui_caller
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,24 @@ def app_for(factory: Callable, compare: Callable | None = None):
     except Exception as exc:  # noqa: BLE001 - a page that says what broke, not a bare server error
         log.exception("qviz: could not build the app")
         return pn.pane.Alert(f"qviz could not build the app: {type(exc).__name__}: {exc}", alert_type="danger")
+
+
+def loading_app_for(factory: Callable, compare: Callable | None = None):
+    """The page of one browser session whose session takes seconds to make (the demo calibrates):
+    a progress line at once, ``factory()`` on a worker thread, then :func:`app_for`'s page in its
+    place (swapped in on the page's own event loop, so the server keeps serving others)."""
+    pn.extension("tabulator", "plotly")  # the page loads their JavaScript before the app arrives
+    progress = TaskProgress("step")
+    progress.start("qviz: preparing the session: calibrating and comparing, a few seconds…")
+    page = pn.Column(progress, sizing_mode="stretch_width", name=TITLE)
+    call = ui_caller()
+
+    def work():
+        app = app_for(factory, compare)
+        call(page.__setitem__, slice(None), [app])
+
+    threading.Thread(target=work, name="qviz: preparing the session", daemon=True).start()
+    return page
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -86,9 +106,10 @@ class RunningServer:
 
 
 def serve(factory: Callable, *, compare: Callable | None = None, port: int = 0, address: str = "127.0.0.1",
-          show: bool = True, threaded: bool = False, verbose: bool = True):
+          show: bool = True, threaded: bool = False, verbose: bool = True, slow: bool = False):
     """Serve the app, ``factory()`` giving a fresh Session for each browser session (and
-    ``compare()``, when given, the second session of its Compare tab).
+    ``compare()``, when given, the second session of its Compare tab); ``slow``: the factory
+    takes seconds (the demo calibrates), so each page shows progress while it runs.
 
     ``threaded=True`` returns a :class:`RunningServer` once it accepts connections; otherwise
     this blocks until the server stops (Ctrl-C).
@@ -100,7 +121,8 @@ def serve(factory: Callable, *, compare: Callable | None = None, port: int = 0, 
     port = int(port) or free_port(address)
     options = dict(port=port, address=address, websocket_origin=websocket_origins(address, port),
                    show=show, title=TITLE, verbose=verbose, start=True)
-    app = lambda: app_for(factory, compare)  # noqa: E731 - called once per browser session
+    make_page = loading_app_for if slow else app_for
+    app = lambda: make_page(factory, compare)  # noqa: E731 - called once per browser session
     if not threaded:
         return pn.serve(app, threaded=False, **options)
     thread = pn.serve(app, threaded=True, **options)
