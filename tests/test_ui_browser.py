@@ -8,20 +8,11 @@ import time
 
 import pytest
 
-pytest.importorskip("playwright")
-pytest.importorskip("panel")
+from qviz.cli import demo_session
+from qviz.ui.serve import session_factory
+from tests.browser import BROWSER_MARKS, expect, serve_recording
 
-from playwright.sync_api import expect  # noqa: E402
-
-from qviz.cli import demo_session  # noqa: E402
-from qviz.ui.serve import serve, session_factory  # noqa: E402
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = BROWSER_MARKS
 
 LAYERS = ["stem_conv", "block_conv1", "block_conv2", "down_conv", "fc1", "fc2"]
 
@@ -37,19 +28,6 @@ def wait_until(check, timeout: float = 30.0, interval: float = 0.1):
         time.sleep(interval)
 
 
-def _serve(factory):
-    """Serve the app with a recording factory: ``server.sessions`` lists the sessions it made."""
-    made = []
-
-    def recording():
-        made.append(factory())
-        return made[-1]
-
-    server = serve(recording, threaded=True, show=False, verbose=False)
-    server.sessions = made
-    return server
-
-
 @pytest.fixture(scope="module")
 def demo_file(chromium_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("browser") / "demo.qviz"
@@ -60,7 +38,7 @@ def demo_file(chromium_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(demo_file):
     """The demo (saved once, loaded fresh for every browser session) served on 127.0.0.1."""
-    running = _serve(session_factory(demo_file))
+    running = serve_recording(session_factory(demo_file))
     yield running
     running.stop()
 
@@ -159,7 +137,7 @@ def test_two_browser_sessions_have_independent_state(server, new_page, artifacts
 @pytest.fixture(scope="module")
 def live_server(chromium_path):
     """The embedded demo run afresh for every browser session (what `qviz serve --demo` does)."""
-    running = _serve(session_factory(demo=True))
+    running = serve_recording(session_factory(demo=True))
     yield running
     running.stop()
 

@@ -11,22 +11,11 @@ import time
 
 import pytest
 
-pytest.importorskip("playwright")
-pytest.importorskip("panel")
+from qviz.cli import demo_session
+from qviz.plan import Plan
+from tests.browser import BROWSER_MARKS, expect, serve_recording
 
-from playwright.sync_api import expect  # noqa: E402
-
-from qviz.cli import demo_session  # noqa: E402
-from qviz.plan import Plan  # noqa: E402
-from qviz.ui.serve import serve  # noqa: E402
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 
 LAYERS = 6
 PACE_S = 1.0  # each swept layer takes at least this long, so the test can act during the sweep
@@ -57,14 +46,7 @@ def paced_demo():
 @pytest.fixture(scope="module")
 def server(chromium_path):
     """Live demo sessions, a fresh one per browser session (``server.sessions`` lists them)."""
-    made = []
-
-    def factory():
-        made.append(paced_demo())
-        return made[-1]
-
-    running = serve(factory, threaded=True, show=False, verbose=False)
-    running.sessions = made
+    running = serve_recording(paced_demo)
     yield running
     running.stop()
 

@@ -8,24 +8,17 @@ import re
 
 import pytest
 
-pytest.importorskip("playwright")
-pytest.importorskip("panel")
+from tests.browser import BROWSER_MARKS, expect, serve_recording
+
 pytest.importorskip("torchao")
 
 import torch  # noqa: E402
-from playwright.sync_api import expect  # noqa: E402
 
 import qviz  # noqa: E402
 from qviz.demo import calibration_batches, eval_batches, load_demo_model  # noqa: E402
 from qviz.models import transformer_block  # noqa: E402
-from qviz.ui.serve import serve  # noqa: E402
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = BROWSER_MARKS
 
 
 def _pt2e():
@@ -47,14 +40,7 @@ FLOWS = {"pt2e": (_pt2e, "block_conv1", 6), "torchao": (_torchao, "fc1", 4)}
 @pytest.fixture(scope="module", params=list(FLOWS))
 def served(request, chromium_path):
     factory, layer, rows = FLOWS[request.param]
-    made = []
-
-    def recording():
-        made.append(factory())
-        return made[-1]
-
-    server = serve(recording, threaded=True, show=False, verbose=False)
-    server.sessions = made
+    server = serve_recording(factory)
     yield request.param, server, layer, rows
     server.stop()
 

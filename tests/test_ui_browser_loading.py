@@ -6,22 +6,11 @@ from __future__ import annotations
 import threading
 import urllib.request
 
-import pytest
+from qviz.cli import demo_session
+from qviz.ui.serve import session_factory
+from tests.browser import BROWSER_MARKS, expect, serve_recording
 
-pytest.importorskip("playwright")
-pytest.importorskip("panel")
-
-from playwright.sync_api import expect  # noqa: E402
-
-from qviz.cli import demo_session  # noqa: E402
-from qviz.ui.serve import serve, session_factory  # noqa: E402
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = BROWSER_MARKS
 
 
 def test_slow_session_shows_progress_then_the_app(chromium_path, tmp_path, new_page, artifacts):
@@ -33,7 +22,7 @@ def test_slow_session_shows_progress_then_the_app(chromium_path, tmp_path, new_p
         release.wait(60)
         return load()
 
-    server = serve(slow, threaded=True, show=False, verbose=False, slow=True)
+    server = serve_recording(slow, slow=True)
     try:
         page, console = new_page()
         page.goto(server.url)

@@ -8,21 +8,12 @@ import time
 
 import pytest
 
-pytest.importorskip("playwright")
-pytest.importorskip("panel")
+from qviz.cli import demo_session
+from qviz.ui.serve import session_factory
+from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.qat_session import qat_session
 
-from playwright.sync_api import expect  # noqa: E402
-
-from qviz.cli import demo_session  # noqa: E402
-from qviz.ui.serve import serve, session_factory  # noqa: E402
-from tests.qat_session import qat_session  # noqa: E402
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = BROWSER_MARKS
 
 LAYERS = ["stem_conv", "block_conv1", "block_conv2", "down_conv", "fc1", "fc2"]
 RENDER = 30_000  # ms: a tab's first render on a busy two-core machine
@@ -33,13 +24,7 @@ def server(chromium_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser_qat")
     qat_session().save(folder / "qat.qviz")
     demo_session(progress=False).save(folder / "ptq.qviz")
-    running = serve(
-        session_factory(folder / "qat.qviz"),
-        compare=session_factory(folder / "ptq.qviz"),
-        threaded=True,
-        show=False,
-        verbose=False,
-    )
+    running = serve_recording(session_factory(folder / "qat.qviz"), compare=session_factory(folder / "ptq.qviz"))
     yield running
     running.stop()
 
