@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize the embedded demo model and print the per-layer table")
-    demo.add_argument("--flow", default="fx", choices=["fx", "eager", "dynamic"])
+    demo.add_argument("--flow", default="fx", choices=["fx", "eager", "dynamic", "pt2e", "torchao"])
     demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.add_argument("--latency", action="store_true",

@@ -349,3 +349,11 @@ def test_dashboard_editor_offers_what_the_quantizer_runs():
     assert not editor.widgets["reduce_range"].disabled
     assert all(editor.widgets[f].disabled for f in ("weight", "activation", "percentile"))
     assert "flow pt2e" in editor.flow_note.object and editor.flow_note.visible
+
+
+def test_cli_demo_runs_the_pt2e_flow(capsys):
+    from qviz.cli import main
+
+    assert main(["demo", "--flow", "pt2e"]) == 0
+    out = capsys.readouterr().out
+    assert all(layer in out for layer in DEMO_LAYERS) and "model output SQNR" in out

@@ -355,3 +355,11 @@ def test_dashboard_editor_offers_what_torchao_runs(block_sessions):
     assert all(editor.widgets[f].disabled for f in ("activation", "percentile", "reduce_range"))
     editor.activation = "percentile"  # the observer toggle must not re-enable it
     assert editor.widgets["percentile"].disabled
+
+
+def test_cli_demo_runs_the_torchao_flow(capsys):
+    from qviz.cli import main
+
+    assert main(["demo", "--flow", "torchao"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 (dynamic)" in out and "model output SQNR" in out
