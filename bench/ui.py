@@ -18,7 +18,8 @@ busy machine.
 Then Apply: in one page, select a layer, switch its weights to per-tensor in the config editor
 and time the click on Apply until that layer's cell in the table shows the new scheme (the
 server re-converts and re-measures the layer and those after it, the browser redraws the
-table, the charts and the editor); Undo, untimed, between runs. Median against the 1 s target.
+table and the editor; the charts follow on the next tick of the page's event loop, after the
+table); Undo, untimed, between runs. Median against the 1 s target.
 
     python bench/ui.py             # 3 runs
     python bench/ui.py --runs 5

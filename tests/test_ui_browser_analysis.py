@@ -92,6 +92,9 @@ def test_per_tensor_apply_changes_the_layers_numbers_in_the_table(server, new_pa
     expect(cell(page, layer, "weight_sqnr")).to_have_text(f"{after['weight_sqnr']:.2f}")
     assert cell(page, layer, "weight_sqnr").inner_text() != before["weight_sqnr"]
     assert cell(page, "fc1", "weight_sqnr").inner_text() == other  # upstream of nothing: same
+    # the layer's card and charts follow the table on the next tick
+    expect(page.locator(".markdown", has_text=f"weight qint8 {after['weight_qscheme']}")).to_be_visible()
+    expect(page.locator(".gtitle", has_text="weight scale")).to_contain_text("(per_tensor")
     page.screenshot(path=artifacts / "ui-per-tensor-applied.png", full_page=True)
     assert console.errors == []
 
