@@ -18,7 +18,7 @@ from qviz.analysis.search import SearchResult
 from qviz.plan import Plan
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import _PLOTLY_CONFIG, _StateView
+from qviz.ui.views import _StateView
 
 TASK = "mixed-precision search"
 TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
@@ -132,11 +132,7 @@ class ParetoView(_StateView):
             CANNOT, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("candidate")
-        self.pane = pn.pane.Plotly(
-            config=_PLOTLY_CONFIG, sizing_mode="stretch_width", name="pareto"
-        )
-        self.placeholder = pn.pane.Markdown("", margin=(10, 10), styles={"color": "#555"})
-        self.chart = pn.Column(self.placeholder, sizing_mode="stretch_width", margin=0)
+        self._plot_slot("pareto")
         self.result: SearchResult | None = None
         self.searched_target: float | None = None
         self._plans: dict[int, Plan] = {}
@@ -156,18 +152,13 @@ class ParetoView(_StateView):
                 if self.state.can_apply
                 else "this session cannot search"
             )
-            self.placeholder.object = f"No search yet: {why}."
-            self.pane.object = None
-            shown = self.placeholder
+            self._show_plot(None, f"No search yet: {why}.")
         else:
-            self.pane.object = self._guard(
+            self._show_plot(self._guard(
                 "the Pareto plot",
                 self._figure,
                 lambda: figures.message_figure("Size vs error", "could not draw this chart", 420),
-            )
-            shown = self.pane
-        if self.chart.objects != [shown]:  # the plot joins the page only once there is one
-            self.chart.objects = [shown]
+            ))
 
     def _figure(self) -> go.Figure:
         plan = self.state.plan

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
+from qviz.ui.views import _StateView, select
 
 TASK = "sensitivity sweep"
 PAIRS = {
@@ -132,11 +132,7 @@ class SensitivityView(_StateView):
             NO_MODEL, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("layer")
-        self.pane = pn.pane.Plotly(
-            config=_PLOTLY_CONFIG, sizing_mode="stretch_width", name="sensitivity"
-        )
-        self.placeholder = pn.pane.Markdown("", margin=(10, 10), styles={"color": "#555"})
-        self.chart = pn.Column(self.placeholder, sizing_mode="stretch_width", margin=0)
+        self._plot_slot("sensitivity")
         self.explain = pn.pane.Markdown("", margin=(0, 10), styles={"color": "#555"})
         self.diagnosis = pn.widgets.Tabulator(
             pd.DataFrame(columns=DIAGNOSIS_COLUMNS),
@@ -173,14 +169,9 @@ class SensitivityView(_StateView):
         frame = self.state.sensitivity_frame()
         if frame is None or frame.empty:
             why = "press Run sensitivity sweep" if self.state.can_sweep else NO_SWEEP_SAVED
-            self.placeholder.object = f"No sensitivity sweep yet: {why}."
-            self.pane.object = None
-            shown = self.placeholder
+            self._show_plot(None, f"No sensitivity sweep yet: {why}.")
         else:
-            self.pane.object = self._guard("the sensitivity chart", self._figure, self._fallback)
-            shown = self.pane
-        if self.chart.objects != [shown]:  # the plot joins the page only once there is one
-            self.chart.objects = [shown]
+            self._show_plot(self._guard("the sensitivity chart", self._figure, self._fallback))
         variants = PAIRS[self.pair.value]
         lines = [f"**{LABELS[v]}**: {EXPLAIN[v]}." for v in variants] + [
             "Click a bar to select its layer."

@@ -58,6 +58,21 @@ class _StateView(Viewer):
             self.state.notify(f"could not draw {what}: {type(exc).__name__}: {exc}", "danger")
             return fallback()
 
+    def _plot_slot(self, name: str) -> None:
+        """``self.chart``: a column that holds ``self.placeholder`` (a line of text) until
+        :meth:`_show_plot` has a figure for ``self.pane``: an empty plot still loads plotly.js."""
+        self.pane = pn.pane.Plotly(config=_PLOTLY_CONFIG, sizing_mode="stretch_width", name=name)
+        self.placeholder = pn.pane.Markdown("", margin=(10, 10), styles={"color": "#555"})
+        self.chart = pn.Column(self.placeholder, sizing_mode="stretch_width", margin=0)
+
+    def _show_plot(self, figure, text: str = "") -> None:
+        """Show ``figure`` in the slot, or ``text`` instead when ``figure`` is None."""
+        self.pane.object = figure
+        self.placeholder.object = text
+        shown = self.placeholder if figure is None else self.pane
+        if self.chart.objects != [shown]:
+            self.chart.objects = [shown]
+
     def _after_table(self, redraw):
         """A watcher of ``version`` that runs ``redraw`` on the next tick of the page's event loop:
         after an Apply the table's new numbers reach the browser first and the charts follow
