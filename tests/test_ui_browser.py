@@ -104,6 +104,19 @@ def test_clicking_a_depth_point_selects_its_layer(server, new_page):
     assert console.errors == []
 
 
+def test_layer_table_shows_every_cell_and_title_in_full(server, new_page):
+    """The table's column widths are computed on the server: no value or title may be cut off."""
+    page, console = new_page()
+    open_app(page, server.url)
+    table = page.locator(".tabulator").first
+    clipped = table.evaluate("""t => [...t.querySelectorAll('.tabulator-cell, .tabulator-col-title')]
+        .filter(e => e.textContent.trim() && e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
+        .map(e => e.textContent.trim())""")
+    assert clipped == [], clipped
+    assert table.locator(".tabulator-cell").count() > 10 * len(LAYERS)  # it did look at the cells
+    assert console.errors == []
+
+
 def test_log_toggle_changes_the_y_axis(server, new_page):
     page, console = new_page()
     open_app(page, server.url)
