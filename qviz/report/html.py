@@ -209,7 +209,7 @@ def sensitivity_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
     fig.update_xaxes(title_text=f"sensitivity ({metric})")
     fig.update_layout(title={"text": f"Sensitivity ranking ({metric}), most sensitive first", "x": 0.01,
                              "font": {"size": 14}},
-                      height=max(260, 90 + 24 * len(layers)), template="plotly_white",
+                      height=max(260, 90 + 24 * len(layers)), template=figures.TEMPLATE,
                       margin={"l": 140, "r": 15, "t": 40, "b": 45})
     return fig
 

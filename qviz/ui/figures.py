@@ -29,9 +29,24 @@ def sqnr_color(value: float) -> str | None:
     return RED if value < RED_DB else AMBER if value < AMBER_DB else GREEN
 
 
+_GRID, _INK = "#EBF0F8", "#2a3f5f"
+_AXIS = {"gridcolor": _GRID, "linecolor": _GRID, "zerolinecolor": _GRID, "zerolinewidth": 2, "ticks": "",
+         "automargin": True, "title": {"standoff": 15}}
+#: The 2-D part of plotly's "plotly_white" look. The full template is 6.5 KB per figure, and it
+#: costs 15 ms to build on the server and more to apply in the browser, for 3-D, polar and geo
+#: settings no qviz chart has.
+TEMPLATE = go.layout.Template(layout={
+    "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"],
+    "font": {"color": _INK}, "hovermode": "closest", "hoverlabel": {"align": "left"},
+    "paper_bgcolor": "white", "plot_bgcolor": "white", "xaxis": _AXIS, "yaxis": _AXIS,
+    "shapedefaults": {"line": {"color": _INK}},
+    "annotationdefaults": {"arrowcolor": _INK, "arrowhead": 0, "arrowwidth": 1},
+})
+
+
 def layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
     fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 14}}, height=height,
-                      margin={"l": 55, "r": 15, "t": 40, "b": 45}, template="plotly_white",
+                      margin={"l": 55, "r": 15, "t": 40, "b": 45}, template=TEMPLATE,
                       legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
     return fig
 

@@ -103,7 +103,7 @@ def pareto_figure(
         title={"text": TITLE, "x": 0.01, "font": {"size": 14}},
         clickmode="event",
         hovermode="closest",
-        template="plotly_white",
+        template=figures.TEMPLATE,
         height=420,
         margin={"l": 60, "r": 15, "t": 40, "b": 45},
         legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"},

@@ -108,7 +108,7 @@ def sensitivity_figure(
         barmode="group",
         clickmode="event",
         hovermode="closest",
-        template="plotly_white",
+        template=figures.TEMPLATE,
         height=max(320, 140 + 22 * len(variants) * len(layers)),
         margin={"l": 120, "r": 15, "t": 40, "b": 100},
         legend={"orientation": "h", "y": 0, "x": 0, "yanchor": "top", "yref": "container"},
