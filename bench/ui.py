@@ -10,10 +10,11 @@ browser layout and drawing). Each run opens a new browser context (empty cache) 
 ``page.goto`` until the table shows its first row, the depth chart has drawn all 2 x 200 points
 and the histogram and weight charts have their titles. Median of 3 runs (after one untimed
 warm-up that pays the server's first-import costs) against the 2 s target. For scale it also
-times a "floor": a Panel page with one plotly chart and nothing of qviz (Bokeh's server loads
-all its bundles plus plotly.js, about 10 MB of JavaScript, whatever the page holds), and
-reports the page's main-thread CPU time (Chrome's TaskDuration), steadier than wall time on a
-busy machine.
+times a "floor", run for run alternating with the app: a Panel page with one plotly chart and
+nothing of qviz (Bokeh's server loads all its bundles plus plotly.js, about 10 MB of
+JavaScript, whatever the page holds), prints the median of the per-run ratios app / floor,
+and reports the page's main-thread CPU time (Chrome's TaskDuration), steadier than wall time on
+a busy machine.
 
 Then Apply: in one page, select a layer, switch its weights to per-tensor in the config editor
 and time the click on Apply until that layer's cell in the table shows the new scheme (the
@@ -141,9 +142,13 @@ def _serve_floor():
     return RunningServer(url=f"http://127.0.0.1:{port}/", port=port, address="127.0.0.1", thread=thread)
 
 
-def _timed(browser, url, layers, runs):
-    first_render(browser, url, layers)  # warm-up, untimed
-    return [first_render(browser, url, layers) for _ in range(runs)]
+def _side_by_side(browser, app_url: str, floor_url: str, layers: int, runs: int):
+    """First renders of the app and of the floor, alternating so that both see the same machine
+    load (one untimed warm-up each): ``(app runs, floor runs)``, each run ``(seconds, CPU seconds)``."""
+    first_render(browser, app_url, layers)
+    first_render(browser, floor_url, None)
+    pairs = [(first_render(browser, app_url, layers), first_render(browser, floor_url, None)) for _ in range(runs)]
+    return [app for app, _ in pairs], [floor for _, floor in pairs]
 
 
 def main(argv=None) -> int:
@@ -172,8 +177,7 @@ def main(argv=None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                times = _timed(browser, server.url, rows, args.runs)
-                floors = _timed(browser, floor.url, None, args.runs)
+                times, floors = _side_by_side(browser, server.url, floor.url, rows, args.runs)
                 applies = apply_to_table(browser, server.url, str(session.to_dataframe().index[3]), args.runs)
             finally:
                 browser.close()
@@ -187,6 +191,8 @@ def main(argv=None) -> int:
     print("first render: " + ", ".join(f"{t:.2f}" for t, _ in times) + " s")
     print(f"floor (a Panel page with one plotly chart, no qviz): median {floor_median:.2f} s, "
           f"page CPU {floor_cpu:.2f} s")
+    ratio = statistics.median(t / f for (t, _), (f, _) in zip(times, floors, strict=True))
+    print(f"qviz / floor, run by run: median {ratio:.2f}x")
     verdict = "OK" if median <= TARGET_S else "SLOWER than"
     print(f"median time to first render ({rows} layers): {median:.2f} s (page CPU {cpu:.2f} s), "
           f"{verdict} the {TARGET_S:.0f} s target")
