@@ -165,15 +165,22 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
         s = float(np.asarray(record.arrays["scale"]).reshape(-1)[0])
         z = int(np.asarray(record.arrays["zero_point"]).reshape(-1)[0])
         clip = hist.fraction_outside(*rng)
-        title += f" · scale {s:.4g}, zero point {z}, clipped {clip:.3%}"
+        detail = f"scale {s:.4g}, zero point {z}, clipped {clip:.3%}"
     elif record.role == "dynamic":
-        title += " · dynamic: range computed per batch"
+        detail = "dynamic: range computed per batch"
     elif np.asarray(record.arrays.get("scale", [])).size > 1:
-        title += " · per-channel: no single range to draw"
+        detail = "per-channel: no single range to draw"
+    else:
+        detail = ""
     fig.update_layout(barmode="overlay", bargap=0)
     fig.update_xaxes(title_text="value")
     fig.update_yaxes(title_text="count", type="log" if log_y else "linear")
-    return layout(fig, title)
+    if not detail:
+        return layout(fig, title)
+    # the numbers on a second line: on one, a long layer name runs under the legend
+    layout(fig, f"{title}<br><span style='font-size: 12px'>{detail}</span>")
+    fig.update_layout(margin={"t": 62})
+    return fig
 
 
 # -- per-channel weights ---------------------------------------------------------------------------
