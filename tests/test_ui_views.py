@@ -36,6 +36,7 @@ from qviz.ui.views import (  # noqa: E402
     LayerView,
     MessageView,
     SummaryView,
+    column_widths,
     sqnr_cell_style,
 )
 
@@ -137,6 +138,21 @@ def test_table_value_equals_dataframe_and_is_colour_coded(session, state):
         assert tuple(want) in cells, layer
         finite = sum(math.isfinite(frame.loc[layer, c]) for c in ("output_sqnr", "local_sqnr", "weight_sqnr"))
         assert len(styles[i]) == finite
+
+
+def test_table_column_widths_fit_titles_and_formatted_values(state):
+    view = LayerTable(state=state)
+    widths = view.widget.widths
+    frame = state.table
+    assert set(widths) == {"layer", *frame.columns}  # every column, the index included
+    assert widths == column_widths(frame)
+    # a value longer than anything in the column widens it; its title sets the floor
+    longer = frame.assign(type="ConvReLUBatchNormalization2d" * 2)
+    assert column_widths(longer)["type"] > widths["type"]
+    assert widths["zero_point"] >= len("zero point") * 8  # short numbers, the title decides
+    assert column_widths(frame.assign(mse=math.nan))["mse"] < widths["mse"]
+    # the widths reach the browser on the Bokeh model's columns
+    assert {c.field: c.width for c in _model(view).columns} == widths
 
 
 def test_table_selection_and_state_are_linked(session, state):

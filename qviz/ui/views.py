@@ -239,6 +239,7 @@ class LayerTable(_StateView):
         self._on_selected()
 
     def _show_table(self):
+        """The state's table, with the column widths its values now need, in one update."""
         table, widths = self.state.table, column_widths(self.state.table)
         with pn.io.hold():
             if widths != self.widget.widths:  # a longer value (say per_channel_affine) needs room
