@@ -30,6 +30,7 @@ from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import as_args
 from qviz.flows.eager import detect_fusion_groups
+from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
 from qviz.progress import progress_bar
@@ -74,7 +75,8 @@ def _shapes(args: tuple) -> str:
 def run_batch(model: nn.Module, args: tuple, what: str, index: int, first: tuple):
     """model(*args), with a failure reported as bad data (shapes of this and the first batch)."""
     try:
-        return model(*args)
+        with TRACE_LOCK.running():
+            return model(*args)
     except QvizError:
         raise
     except Exception as exc:  # noqa: BLE001 - a model failing on a batch is an input problem
@@ -340,6 +342,7 @@ class Session:
         self._left_float = [n for n in self._left_float if n not in changed or target[n].dtype == "float"]
         self.plan = target
 
+    @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
         """prepare_fx under ``target`` and convert_fx, every observer's qparams set from the
         statistics recorded at calibration (no pass over calibration data)."""

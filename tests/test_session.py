@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 from torch.ao.quantization import (
+    QConfigMapping,
+    default_qconfig,
     fuse_modules_qat,
     get_default_qat_qconfig,
     get_default_qat_qconfig_mapping,
@@ -330,3 +332,36 @@ def test_capture_memory_is_bounded_per_point():
     # 64x more data, same histogram memory
     for name in small.points().index:
         assert small.record(name).stats.histogram.nbytes == big.record(name).stats.histogram.nbytes
+
+
+def test_sessions_prepared_on_threads_at_once_do_not_break_each_other():
+    """FX tracing patches process-wide state; qviz serve prepares one session per visitor on worker
+    threads. Four at once must each succeed and match the same session run alone."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(80)]).eval()  # a trace long enough to overlap
+    calib = [torch.randn(4, 8)]
+    mapping = QConfigMapping().set_global(default_qconfig)  # MinMax: cheap to calibrate, same tracing
+
+    def session():
+        return qviz.Session(model, calib, flow="fx", qconfig_mapping=mapping, progress=False).run()
+
+    alone = session().to_dataframe()
+    frames, errors = [], []
+
+    def prepare():
+        try:
+            frames.append(session().to_dataframe())
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=prepare) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(frames) == 4
+    for frame in frames:
+        pd.testing.assert_frame_equal(frame, alone)

@@ -25,8 +25,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
 from qviz.flows.base import as_args, is_quant_point
+from qviz.flows.tracing import TRACE_LOCK
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+
+
+def _run(model: nn.Module, args: tuple, index: int):
+    """``model(*args)``, never beside a trace on another thread (see qviz.flows.tracing)."""
+    with TRACE_LOCK.running():
+        return model(*args)
 
 
 def _first_tensor(value):
@@ -181,7 +188,7 @@ class Comparator:
     def __init__(self, reference: nn.Module, layers: list[str], batches: list, call=None,
                  cache_bytes: int = 512 * 2**20):
         self.reference, self.layers, self.batches = reference, list(layers), list(batches)
-        self.call = call or (lambda model, args, index: model(*args))
+        self.call = call or _run
         self.cache_bytes = cache_bytes
         self.order: list[str] = []
         self._cache: list[tuple[dict, torch.Tensor]] | None = None

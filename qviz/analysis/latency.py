@@ -13,11 +13,13 @@ import time
 import torch
 from torch import nn
 
+from qviz.flows.tracing import TRACE_LOCK
+
 
 def median_latency_ms(model: nn.Module, args: tuple, *, repeats: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``model(*args)`` over ``repeats`` runs after ``warmup`` runs."""
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), TRACE_LOCK.running():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model(*args)

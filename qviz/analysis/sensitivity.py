@@ -47,6 +47,7 @@ from qviz.analysis.compare import _first_tensor, _float, quantized_weights
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.errors import ConfigError
 from qviz.flows import quantized_engine
+from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.torch_warnings import quiet_torch
 from qviz.whatif import FloatLayer, feeds_only_dequantize
 
@@ -293,10 +294,11 @@ def _specs(quantized: nn.Module, layers: list[str], batches: list) -> dict[str, 
 
     handles = [quantized.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
     try:
-        for args in batches:
-            if len(seen) == len(layers):
-                break
-            quantized(*args)
+        with TRACE_LOCK.running():
+            for args in batches:
+                if len(seen) == len(layers):
+                    break
+                quantized(*args)
     finally:
         for h in handles:
             h.remove()
@@ -338,11 +340,12 @@ class _Sweep:
     def metric(self, which: str, swaps: dict) -> float:
         """The metric of model ``which`` ("reference" or "quantized") with ``swaps`` in place."""
         if self.eval_fn is not None:
-            with _swapped(getattr(self, which), swaps) as model:
+            with _swapped(getattr(self, which), swaps) as model, TRACE_LOCK.running():
                 return float(self.eval_fn(model))
         acc, ref, run = ErrorAccumulator(), self.runner("reference"), self.runner(which)
-        for i in range(len(self.batches)):
-            acc.add(ref.output(i, {}), run.output(i, swaps))
+        with TRACE_LOCK.running():
+            for i in range(len(self.batches)):
+                acc.add(ref.output(i, {}), run.output(i, swaps))
         return acc.result()["sqnr"]
 
     def measure(self, layer: str, variants=VARIANTS) -> dict[str, float]:
@@ -369,6 +372,7 @@ class _Sweep:
             return {n: self.measure(n, variants) for n in layers}
 
 
+@one_trace_at_a_time  # unpickling a GraphModule traces it again
 def _unpack(payload: bytes) -> _Sweep:
     job = _Sweep(*pickle.loads(payload))
     job.private, job._payload = True, payload

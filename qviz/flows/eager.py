@@ -22,6 +22,7 @@ from qviz.flows.base import (
     parent_layer,
     role_of_attribute,
 )
+from qviz.flows.tracing import one_trace_at_a_time
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -32,6 +33,7 @@ def is_prepared(model: nn.Module) -> bool:
     return any(is_quant_point(m) for m in model.modules())
 
 
+@one_trace_at_a_time
 def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]:
     """conv-bn(-relu), conv-relu, linear-relu and linear-bn chains, found by an FX trace.
 

@@ -27,6 +27,7 @@ from qviz.flows.base import (
     role_of_attribute,
 )
 from qviz.flows.eager import is_quant_point_child
+from qviz.flows.tracing import one_trace_at_a_time
 
 
 def is_fx_prepared(model: nn.Module) -> bool:
@@ -54,6 +55,7 @@ class FxFlow:
         self.qconfig_mapping = qconfig_mapping
         self.handed_over = False
 
+    @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
         if is_fx_prepared(model):
             self.handed_over = True
@@ -100,5 +102,6 @@ class FxFlow:
     def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
         return neutral_reference(observed, points)
 
+    @one_trace_at_a_time
     def convert(self, observed: nn.Module) -> nn.Module:
         return convert_fx(copy.deepcopy(observed).eval())

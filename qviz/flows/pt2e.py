@@ -34,6 +34,7 @@ from torch import nn
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend, is_quant_point, neutral_reference
 from qviz.flows.torchao_flow import quiet_torchao
+from qviz.flows.tracing import one_trace_at_a_time
 from qviz.plan import LayerConfig, Plan
 from qviz.whatif import activation_qparams, fix_qparams
 
@@ -119,6 +120,7 @@ def pt2e_code(plan: Plan) -> str:
     ])
 
 
+@one_trace_at_a_time
 def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
     """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module."""
     args = tuple(
@@ -428,6 +430,7 @@ class Pt2eFlow:
                 "for other schemes"
             )
 
+    @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
         quantize_pt2e, _ = torchao_pt2e()
         self._model = model
@@ -476,6 +479,7 @@ class Pt2eFlow:
     def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
         return _insert_taps(neutral_reference(observed, points), self.groups, reference=True)
 
+    @one_trace_at_a_time
     def convert(self, observed: nn.Module) -> nn.Module:
         quantize_pt2e, _ = torchao_pt2e()
         with quiet_torchao():
@@ -490,6 +494,7 @@ class Pt2eFlow:
         done = [n for n in layers if getattr(quantized.get_submodule(n), "quantized", False)]
         return done, [n for n in layers if n not in done]
 
+    @one_trace_at_a_time
     def reconvert(self, plan, records: dict, initial: dict, calib: list | None = None) -> nn.Module:
         """prepare_pt2e under ``plan`` and convert_pt2e without calibrating again where possible.
 
