@@ -53,8 +53,10 @@ def app_for(factory: Callable, compare: Callable | None = None):
 
 def loading_app_for(factory: Callable, compare: Callable | None = None):
     """The page of one browser session whose session takes seconds to make (the demo calibrates):
-    a progress line at once, ``factory()`` on a worker thread, then :func:`app_for`'s page in its
-    place (swapped in on the page's own event loop, so the server keeps serving others)."""
+    a progress line at once, then, once the page has loaded in a browser, ``factory()`` on a
+    worker thread and :func:`app_for`'s page in its place (swapped in on the page's own event
+    loop, so the server keeps serving others). A bare request (a link preview, a health check)
+    never loads the page, so it costs no session; and the swap never races the session's set-up."""
     pn.extension("tabulator", "plotly")  # the page loads their JavaScript before the app arrives
     progress = TaskProgress("step")
     progress.start("qviz: preparing the session: calibrating and comparing, a few seconds…")
@@ -65,7 +67,10 @@ def loading_app_for(factory: Callable, compare: Callable | None = None):
         app = app_for(factory, compare)
         call(page.__setitem__, slice(None), [app])
 
-    threading.Thread(target=work, name="qviz: preparing the session", daemon=True).start()
+    def start():
+        threading.Thread(target=work, name="qviz: preparing the session", daemon=True).start()
+
+    pn.state.onload(start)
     return page
 
 
