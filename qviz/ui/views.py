@@ -240,7 +240,8 @@ class LayerTable(_StateView):
 
     def _show_table(self):
         """The state's table, with the column widths its values now need, in one update."""
-        table, widths = self.state.table, column_widths(self.state.table)
+        table = self.state.table
+        widths = column_widths(table)
         with pn.io.hold():
             if widths != self.widget.widths:  # a longer value (say per_channel_affine) needs room
                 self.widget.widths = widths
