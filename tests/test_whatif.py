@@ -137,8 +137,10 @@ def test_search_meets_the_target_at_least_size(base):
     result = s.search(target_sqnr=30)
     assert result.plan is not None
     candidates = result.candidates
-    assert candidates.meets_target.iloc[-1] and not candidates.meets_target.iloc[:-1].any()
-    assert candidates.weight_bytes.is_monotonic_increasing
+    meeting = candidates[candidates.meets_target]  # the plan is the smallest verified to meet it
+    assert qviz.Plan.from_json(meeting.loc[meeting.weight_bytes.idxmin(), "plan"]) == result.plan
+    smaller = candidates[candidates.weight_bytes < meeting.weight_bytes.min()]
+    assert not smaller.empty and not smaller.meets_target.any()
     assert s.plan == base.plan  # the session is left on its plan
     check = _session(plan=result.plan)
     assert check.summary()["output_sqnr"] >= 30 - 0.1

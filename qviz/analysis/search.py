@@ -1,30 +1,49 @@
 """Mixed-precision search: the smallest plan that meets an accuracy target.
 
-Greedy and verified: start with every layer at the cheapest dtype of the ladder, convert, and
-while the target is missed raise the layer with the worst ``local_sqnr`` (its own error, as
-recorded by the last real conversion) one rung up the ladder. Every step is a real
-``Session.apply`` (no calibration pass), so each candidate's figures are measured, not predicted.
+Model, solve, verify, as the best mixed-precision tools do:
+
+1. *Probe*: each layer alone at each rung of the ladder below float (every other layer float) is
+   converted and measured: its cost is the noise it adds, as a fraction of the output's power
+   (``target_sqnr``), or the drop of the user's metric (``eval_fn``).
+2. *Solve*: costs add up (independent errors add in noise power), so the best plans of the model
+   are the Pareto front of (weight bytes, predicted cost) over every assignment of rungs. It is
+   found exactly: by enumeration when there are few plans, else by a dynamic programme over the
+   layers that keeps only the non-dominated partial plans (a multiple-choice knapsack).
+3. *Verify*: candidates are converted for real (``Session.apply``, no calibration pass) from the
+   smallest one the model predicts within 3 dB of the target up; every measurement rescales the
+   model by how wrong it was, and the walk ends at the first plan that meets the target.
+
+The plan returned is the smallest plan *verified* to meet the target (probes and the plan in
+force count), so it is never larger than any plan the search measured meeting it. The pairwise
+interaction of the most sensitive layers (the additive model's error) is measured and returned.
 Sizes count weight storage at the dtype's width (int4 as 4 bits, as int4 kernels store it).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from qviz.errors import ConfigError
 
 BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32}
+MARGIN = 2.0  # verify candidates predicted up to 3 dB (a factor 2 in noise) past the target
+ENUMERATE_UP_TO = 512  # plans: below this every plan is a candidate, not only the Pareto front
+FRONT_LIMIT = 20_000  # partial plans kept by the dynamic programme before thinning
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The plan found (``None`` when no candidate met the target) and every candidate tried."""
+    """The plan found (``None`` when no candidate met the target), every candidate measured, and
+    the measured pairwise interactions of the most sensitive layers."""
 
     plan: object
-    candidates: pd.DataFrame  # step, changed, weight_bytes, output_sqnr, metric, meets_target
+    candidates: pd.DataFrame  # step, phase, changed, weight_bytes, output_sqnr, metric, predicted, ...
+    interactions: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def pareto(self) -> pd.DataFrame:
         """Candidates no other candidate beats on both size and error (the Pareto front)."""
@@ -42,63 +61,188 @@ def weight_bytes(param_counts: dict[str, int], plan) -> int:
     return int(sum(n * BITS[plan[layer].dtype] / 8 for layer, n in param_counts.items()))
 
 
+class _Objective:
+    """The target as a cost to keep under a budget: relative noise power, or the metric's drop."""
+
+    def __init__(self, session, target_sqnr, eval_fn, max_drop):
+        self.session, self.target_sqnr, self.eval_fn = session, target_sqnr, eval_fn
+        if eval_fn is None:
+            self.budget = 10 ** (-target_sqnr / 10)
+        else:
+            self.baseline = float(eval_fn(session.float_model()))
+            self.budget = float(max_drop)
+
+    def metric(self) -> float:
+        """The figure the target is on, for the plan in force (dB, or the metric's change)."""
+        if self.eval_fn is None:
+            return float(self.session.summary()["output_sqnr"])
+        return float(self.eval_fn(self.session.quantized_model())) - self.baseline
+
+    def cost(self, metric: float) -> float:
+        if math.isnan(metric):
+            return math.inf  # a plan whose figure is not a number meets nothing
+        if self.eval_fn is None:
+            return 0.0 if metric == math.inf else 10 ** (-metric / 10)
+        return max(-metric, 0.0)
+
+    def predicted_metric(self, cost: float) -> float:
+        if self.eval_fn is None:
+            return math.inf if cost <= 0 else -10 * math.log10(cost)
+        return -cost
+
+    def meets(self, metric: float) -> bool:
+        return self.cost(metric) <= self.budget * (1 + 1e-9)
+
+
 def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
-           ladder: tuple[str, ...] = ("int4", "int8", "float"), callback=None) -> SearchResult:
+           ladder: tuple[str, ...] = ("int4", "int8", "float"), callback=None, max_verify: int = 24,
+           interactions: int = 3) -> SearchResult:
     """Find a plan meeting ``target_sqnr`` (model output SQNR, dB) or a ``max_drop`` of
-    ``eval_fn(model)`` (higher is better) against the float model, at the least size.
-    ``callback(tried, most)`` is called after each candidate (``most``: the most there can be)."""
+    ``eval_fn(model)`` (higher is better) against the float model, at the least size (see the
+    module docstring). ``callback(tried, most)`` is called after each conversion (``most``: the
+    most there can be); ``max_verify`` bounds the verified candidates, ``interactions`` the
+    layers whose pairs are measured."""
     if (target_sqnr is None) == (eval_fn is None):
         raise ConfigError("give exactly one target: target_sqnr=30 (dB), or eval_fn=... with max_drop=...")
     if eval_fn is not None and max_drop is None:
         raise ConfigError("eval_fn needs max_drop: the largest acceptable drop of its value vs the float model")
     unknown = [d for d in ladder if d not in BITS]
-    if unknown or len(ladder) < 2:
-        raise ConfigError(f"ladder must list at least two of {list(BITS)} from cheap to precise, got {ladder}")
-    if eval_fn is not None:
-        baseline = float(eval_fn(session.float_model()))
-
-    def measure() -> float:
-        if eval_fn is None:
-            return session.summary()["output_sqnr"]
-        return float(eval_fn(session.quantized_model())) - baseline
-
-    def meets(value: float) -> bool:
-        return value >= target_sqnr if eval_fn is None else value >= -max_drop
-
+    if unknown or len(ladder) < 2 or ladder[-1] != "float":
+        raise ConfigError(f"ladder must list at least two of {list(BITS)} from cheap to precise, ending "
+                          f"with 'float', got {ladder}")
+    objective = _Objective(session, target_sqnr, eval_fn, max_drop)
     start = session.plan
     counts = session.param_counts()
     stuck = set(session.summary().get("left_float", []))  # layers the flow cannot quantize
-    rung = {n: 0 for n in start if n not in stuck}
-    plan = start.with_changes({n: {"dtype": ladder[0]} for n in rung})
-    rows, found = [], None
-    most = 1 + len(rung) * (len(ladder) - 1)
+    layers = [n for n in start if n not in stuck]
+    rungs = ladder[:-1]
+    pairs = list(itertools.combinations(range(min(interactions, len(layers))), 2))
+    most = 1 + len(layers) * len(rungs) + len(pairs) + max_verify
+    walk = _Walk(session, objective, counts, callback, most)
+    all_float = start.with_changes({n: {"dtype": "float"} for n in layers})
     try:
-        changed = "all layers"
-        while True:
-            session.apply(plan)
-            value = measure()
-            rows.append({"step": len(rows), "changed": changed, "weight_bytes": weight_bytes(counts, plan),
-                         "output_sqnr": session.summary()["output_sqnr"], "metric": value,
-                         "meets_target": meets(value), "plan": plan.to_json()})
-            if callback is not None:
-                callback(len(rows), most)
-            if meets(value):
-                found = plan
-                break
-            frame = session.to_dataframe()
-            open_layers = [n for n in rung if rung[n] < len(ladder) - 1]
-            if not open_layers:
-                break
-            worst = min(open_layers, key=lambda n: _badness(frame, n))
-            rung[worst] += 1
-            plan = plan.with_changes({worst: {"dtype": ladder[rung[worst]]}})
-            changed = f"{worst} -> {ladder[rung[worst]]}"
+        walk.measure(start, "start", "the plan in force")
+        costs = _probe(walk, all_float, layers, rungs)
+        inter = _interactions(walk, all_float, layers, rungs, costs, pairs)
+        fixed = sum(counts[n] * BITS["float"] / 8 for n in counts if n not in layers)
+        front = _candidates(layers, ladder, costs, {n: counts[n] for n in layers}, fixed)
+        _verify(walk, all_float, layers, ladder, front, objective, max_verify)
     finally:
         session.apply(start)
-    return SearchResult(found, pd.DataFrame(rows))
+    if callback is not None:  # done: fewer conversions than the most there could have been
+        callback(len(walk.rows), len(walk.rows))
+    return SearchResult(walk.best(), pd.DataFrame(walk.rows), inter)
 
 
-def _badness(frame: pd.DataFrame, layer: str) -> float:
-    """Lower is worse: the layer's own error; float layers have none."""
-    value = frame.loc[layer, "local_sqnr"] if layer in frame.index else math.inf
-    return math.inf if pd.isna(value) else float(value)
+class _Walk:
+    """Converts and measures plans, keeping one row per candidate."""
+
+    def __init__(self, session, objective, counts, callback, most):
+        self.session, self.objective, self.counts = session, objective, counts
+        self.callback, self.most, self.rows, self.plans = callback, most, [], []
+
+    def measure(self, plan, phase: str, changed: str, predicted: float = math.nan) -> float:
+        if plan != self.session.plan:
+            self.session.apply(plan)
+        metric = self.objective.metric()
+        self.rows.append({"step": len(self.rows), "phase": phase, "changed": changed,
+                          "weight_bytes": weight_bytes(self.counts, plan),
+                          "output_sqnr": self.session.summary()["output_sqnr"], "metric": metric,
+                          "predicted": predicted, "meets_target": self.objective.meets(metric),
+                          "plan": plan.to_json()})
+        self.plans.append(plan)
+        if self.callback is not None:
+            self.callback(len(self.rows), self.most)
+        return metric
+
+    def smallest_meeting(self) -> int | None:
+        meeting = [r["weight_bytes"] for r in self.rows if r["meets_target"]]
+        return min(meeting) if meeting else None
+
+    def best(self):
+        size = self.smallest_meeting()
+        if size is None:
+            return None
+        i = min(i for i, r in enumerate(self.rows) if r["meets_target"] and r["weight_bytes"] == size)
+        return self.plans[i]
+
+
+def _probe(walk: _Walk, all_float, layers, rungs) -> dict[tuple[str, str], float]:
+    """The cost of each layer alone at each rung (inf where the flow refuses the rung)."""
+    costs = {}
+    for layer in layers:
+        for dtype in rungs:
+            plan = all_float.with_changes({layer: {"dtype": dtype}})
+            try:
+                metric = walk.measure(plan, "probe", f"{layer} alone at {dtype}")
+            except ConfigError:  # e.g. int4 for a layer type the backend has no int4 kernel for
+                costs[(layer, dtype)] = math.inf
+                continue
+            costs[(layer, dtype)] = walk.objective.cost(metric)
+    return costs
+
+
+def _interactions(walk, all_float, layers, rungs, costs, pairs) -> pd.DataFrame:
+    """Measured vs additive cost of pairs of the most sensitive layers at their cheapest rung."""
+    cheap = rungs[0]
+    ranked = sorted(layers, key=lambda n: -costs[(n, cheap)] if math.isfinite(costs[(n, cheap)]) else 0)
+    rows = []
+    for i, j in pairs:
+        a, b = ranked[i], ranked[j]
+        if not (math.isfinite(costs[(a, cheap)]) and math.isfinite(costs[(b, cheap)])):
+            continue
+        predicted = walk.objective.predicted_metric(costs[(a, cheap)] + costs[(b, cheap)])
+        plan = all_float.with_changes({a: {"dtype": cheap}, b: {"dtype": cheap}})
+        measured = walk.measure(plan, "pair", f"{a} and {b} at {cheap}", predicted)
+        rows.append({"layer_a": a, "layer_b": b, "dtype": cheap, "predicted": predicted,
+                     "measured": measured, "error": measured - predicted})
+    return pd.DataFrame(rows, columns=["layer_a", "layer_b", "dtype", "predicted", "measured", "error"])
+
+
+def _candidates(layers, ladder, costs, counts, fixed: float) -> list[tuple[float, float, tuple[int, ...]]]:
+    """(weight bytes, predicted cost, rung per layer) of the plans worth verifying, smallest first:
+    every plan when there are few, else the exact Pareto front of the additive model. ``fixed``:
+    the bytes of the layers the search leaves float."""
+    options = [[(counts[n] * BITS[d] / 8, 0.0 if d == "float" else costs[(n, d)], k)
+                for k, d in enumerate(ladder) if d == "float" or math.isfinite(costs[(n, d)])]
+               for n in layers]
+    if math.prod(len(o) for o in options) <= ENUMERATE_UP_TO:
+        plans = [(fixed + sum(o[0] for o in combo), sum(o[1] for o in combo), tuple(o[2] for o in combo))
+                 for combo in itertools.product(*options)]
+        return sorted(plans)
+    front: list[tuple[float, float, tuple[int, ...]]] = [(fixed, 0.0, ())]
+    for opts in options:
+        merged = sorted((b + ob, c + oc, assign + (k,)) for b, c, assign in front for ob, oc, k in opts)
+        front, lowest = [], math.inf
+        for point in merged:
+            if point[1] < lowest:  # not dominated by a smaller plan
+                front.append(point)
+                lowest = point[1]
+        if len(front) > FRONT_LIMIT:  # thin evenly in cost (exact below the limit)
+            front = front[:: math.ceil(len(front) / FRONT_LIMIT)] + [front[-1]]
+    return front
+
+
+def _verify(walk, all_float, layers, ladder, candidates, objective, max_verify) -> None:
+    """Convert candidates smallest first, within the (corrected) model's margin of the target,
+    until one meets it or none smaller than the best verified plan is left."""
+    ratios: list[float] = []  # measured cost / predicted cost of each verified candidate
+    tried: set[tuple[int, ...]] = set()
+    for _ in range(max_verify):
+        scale = math.exp(np.mean(np.log(ratios))) if ratios else 1.0
+        bound = walk.smallest_meeting()
+        pick = next((c for c in candidates if c[2] not in tried and (bound is None or c[0] < bound)
+                     and c[1] * scale <= objective.budget * MARGIN), None)
+        if pick is None:
+            return
+        size, cost, assign = pick
+        tried.add(assign)
+        plan = all_float.with_changes({n: {"dtype": ladder[k]} for n, k in zip(layers, assign, strict=True)
+                                       if ladder[k] != "float"})
+        changed = ", ".join(f"{n}:{ladder[k]}" for n, k in zip(layers, assign, strict=True) if ladder[k] != "float")
+        metric = walk.measure(plan, "verify", changed or "all float", objective.predicted_metric(cost))
+        if objective.meets(metric):
+            continue  # the bound now excludes every larger candidate
+        measured = objective.cost(metric)
+        if cost > 0 and measured > 0 and math.isfinite(measured):
+            ratios.append(measured / cost)
