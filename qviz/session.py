@@ -550,6 +550,23 @@ class Session:
         """Write everything the frame, summary and histograms need to ``path`` (atomically)."""
         self._results().save(path)
 
+    def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
+        """Write ``figure`` per layer as a Model Explorer node data file (see
+        :mod:`qviz.io.model_explorer`); returns the ExportedProgram whose node ids it uses, to
+        give ``model_explorer.visualize_pytorch(name, exported_program=..., node_data=...)``.
+        ``exported_program``: your own export of the float model (a loaded session needs one)."""
+        from qviz.io.model_explorer import export_float, node_data, write_node_data
+
+        table = self._results().table
+        if exported_program is None:
+            if self._model is None:
+                raise QvizError("a session loaded from a file holds no model to export: pass "
+                                "exported_program=torch.export.export(model, example_inputs)")
+            with TRACE_LOCK.tracing():
+                exported_program = export_float(self._model, self._example)
+        write_node_data(path, node_data(exported_program, table, figure))
+        return exported_program
+
     @classmethod
     def from_results(cls, results: Results) -> Session:
         """A session holding saved results only: frames and histograms, no model."""
