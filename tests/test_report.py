@@ -4,6 +4,8 @@ with one line on bad files."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import importlib
 import math
 import os
@@ -21,7 +23,14 @@ import qviz
 from qviz.cli import demo_session, main
 from qviz.demo import calibration_batches, load_demo_model
 from qviz.report import build_report, write_report
-from qviz.report.html import SENSITIVITY_COLUMNS, format_number, frame_table, worst_layers
+from qviz.report.html import (
+    SENSITIVITY_COLUMNS,
+    format_number,
+    frame_table,
+    sensitivity_figure,
+    worst_layers,
+)
+from qviz.ui.figures import AMBER_DB, RED_DB, depth_figure
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -161,8 +170,11 @@ def report(demo):
 def test_report_is_one_self_contained_file(demo, report):
     path, text, parsed = report
     assert path == demo[3] / "report.html" and text.startswith("<!DOCTYPE html>")
-    plotly_js = get_plotlyjs()
-    assert text.count(plotly_js) == 1, "plotly.js must be inlined exactly once"
+    packed = re.findall(r'<script id="qviz-plotly" type="application/octet-stream">([^<]*)</script>', text)
+    assert len(packed) == 1, "plotly.js must be inlined exactly once"
+    assert gzip.decompress(base64.b64decode(packed[0])).decode() == get_plotlyjs()
+    plotly_js = packed[0]
+    assert len(text.encode()) < 2.5 * 2**20, "plotly.js packed: the report of the demo stays small"
     assert [s for s in parsed.scripts if "src" in s] == [], "no script is loaded from elsewhere"
     external = [u for u in parsed.urls if re.match(r"\s*(https?:|//|ftp:)", u[2], re.I)]
     assert external == [], external
@@ -173,6 +185,25 @@ def test_report_is_one_self_contained_file(demo, report):
     for section in ("summary", "sensitivity", "depth", "histograms", "diagnosis", "plan", "layers"):
         assert f'<section id="{section}">' in text
     assert not list(path.parent.glob(".report.html.*")), "the temporary file was left behind"
+
+
+def test_ranking_bars_start_at_zero_and_are_noise_shares(demo):
+    sweep = demo[2]
+    fig = sensitivity_figure(sweep, "output_sqnr")
+    (bar,) = fig.data
+    assert bar.base is None  # plotly's default: every bar starts at 0
+    ranked = sweep.sort_values("rank")
+    expected = 100 * 10 ** (-ranked["quantize_only"].to_numpy(dtype=float) / 10)
+    assert np.allclose(bar.x, expected)  # % of the output's power, which add up across layers
+    assert list(bar.y) == [str(i) for i in ranked.index]
+    assert all(a >= b for a, b in zip(bar.x, bar.x[1:], strict=False)), "the most sensitive layer has the longest bar"
+
+
+def test_depth_chart_keeps_its_guide_lines_in_view(demo):
+    table = demo[0].to_dataframe().copy()
+    table[["local_sqnr", "output_sqnr"]] = 45.0  # every layer far above both lines
+    lo, hi = depth_figure(table).layout.yaxis.range
+    assert lo < RED_DB < AMBER_DB < hi
 
 
 def test_layer_table_is_the_dataframe(demo, report):

@@ -20,6 +20,8 @@ from qviz.errors import QvizError, SessionFileError
 from qviz.io.session_file import read_session_file, write_session_file
 
 _PER_TENSOR = ("per_tensor_affine", "per_tensor_symmetric")
+#: The figures users come for lead the table (and so the dashboard's and the report's tables).
+LEADING_COLUMNS = ("type", "dtype", "output_sqnr", "local_sqnr", "weight_sqnr", "quantized")
 
 
 def _scalar(values) -> float:
@@ -80,6 +82,8 @@ class Results:
             row["simulated"] = name in simulated
             rows.append(row)
         table = pd.DataFrame(rows).set_index("layer")
+        first = [c for c in LEADING_COLUMNS if c in table.columns]
+        table = table[first + [c for c in table.columns if c not in first]]
         return cls(meta=meta, summary=summary, table=table, records=records)
 
     # -- reading -------------------------------------------------------------------------------

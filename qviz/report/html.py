@@ -13,9 +13,13 @@ in its ``data-value`` attribute (``repr`` of the float), so nothing is lost to r
 
 from __future__ import annotations
 
+import base64
 import datetime
+import functools
+import gzip
 import html
 import importlib
+import json
 import math
 import numbers
 import os
@@ -29,7 +33,7 @@ from plotly.offline import get_plotlyjs
 
 from qviz import __version__
 from qviz.errors import QvizError
-from qviz.report.template import CSS, PAGE
+from qviz.report.template import CSS, LOADER, PAGE
 from qviz.ui import figures
 
 #: How many of the worst layers (by local_sqnr) get a histogram.
@@ -91,8 +95,18 @@ def _is_real(value) -> bool:
 
 
 def _figure(fig: go.Figure, fig_id: str) -> str:
-    return '<div class="figure">' + fig.to_html(
-        full_html=False, include_plotlyjs=False, config=_PLOT_CONFIG, div_id=fig_id) + "</div>"
+    """A figure's div and the script that draws it once plotly.js is unpacked (see PAGE)."""
+    height = fig.layout.height or 450
+    spec = fig.to_json().replace("</", "<\\/")  # JSON inside <script>: no closing tag in strings
+    return (f'<div class="figure"><div id="{_e(fig_id)}" class="plotly-graph-div" style="height:{height}px">'
+            f'</div><script>qvizPlot("{_e(fig_id)}", {spec}, {json.dumps(_PLOT_CONFIG)});</script></div>')
+
+
+@functools.lru_cache(maxsize=1)
+def packed_plotlyjs() -> str:
+    """plotly.js gzipped and base64-encoded: a third of its 4.6 MB; the page unpacks it with the
+    browser's DecompressionStream (every current browser has it), offline."""
+    return base64.b64encode(gzip.compress(get_plotlyjs().encode(), compresslevel=9, mtime=0)).decode()
 
 
 def _note(text: str) -> str:
@@ -187,26 +201,27 @@ def _summary_section(results) -> str:
 
 
 def sensitivity_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
-    """Horizontal bars of ``sensitivity`` per layer, most sensitive on top. Bars start at 0, or
-    just left of the lowest value when some are negative (for output_sqnr, sensitivity is
-    -SQNR in dB), so a longer bar is always a more sensitive layer; the axis shows true values."""
+    """Horizontal bars from 0 per layer, most sensitive on top, so a bar's length is what the
+    layer costs. For output_sqnr (sensitivity = -SQNR in dB with the layer alone quantized) the
+    bar is the output noise the layer alone adds, in % of the output's power: noise powers add
+    up, so bars compare as shares of the total; other metrics show their drop as it is."""
     ordered = frame.sort_values("rank", kind="stable") if "rank" in frame else frame
     layers = [str(i) for i in ordered.index]
     values = np.array([v if _is_real(v) else math.nan for v in ordered["sensitivity"]], dtype=float)
-    finite = values[np.isfinite(values)]
-    floor = 0.0
-    if finite.size and finite.min() < 0:
-        floor = float(finite.min() - max(0.05 * (finite.max() - finite.min()), 1.0))
+    noise = metric == "output_sqnr"
+    bars = 100 * 10 ** (values / 10) if noise else values
     extra = [c for c in ("quantize_only", "skip_only", "weight_only", "activation_only") if c in ordered]
-    hover = "%{y}<br>sensitivity %{customdata[0]:.4g}" + "".join(
+    first = "output noise %{x:.3g}% of its power" if noise else "sensitivity %{customdata[0]:.4g}"
+    hover = "%{y}<br>" + first + "".join(
         f"<br>{c.replace('_', ' ')} %{{customdata[{i + 1}]:.4g}}" for i, c in enumerate(extra))
     custom = np.column_stack([values, *(ordered[c].to_numpy(dtype=float) for c in extra)])
     fig = go.Figure(go.Bar(
-        x=[None if not math.isfinite(v) else v - floor for v in values], base=floor, y=layers,
-        orientation="h", name="sensitivity", marker={"color": figures.RED}, customdata=custom,
+        x=[None if not math.isfinite(v) else float(v) for v in bars], y=layers, orientation="h",
+        name="sensitivity", marker={"color": figures.RED}, customdata=custom,
         hovertemplate=hover + "<extra></extra>"))
     fig.update_yaxes(type="category", autorange="reversed")
-    fig.update_xaxes(title_text=f"sensitivity ({metric})")
+    fig.update_xaxes(title_text="output noise the layer alone adds (% of the output's power)" if noise
+                     else f"sensitivity ({metric}): what the layer alone costs", rangemode="tozero")
     fig.update_layout(title={"text": f"Sensitivity ranking ({metric}), most sensitive first", "x": 0.01,
                              "font": {"size": 14}},
                       height=max(260, 90 + 24 * len(layers)), template=figures.TEMPLATE,
@@ -222,7 +237,8 @@ def _sensitivity_section(frame: pd.DataFrame | None, metric: str) -> str:
     if frame.empty:
         return head + _note("the sensitivity sweep found no layers to rank") + "</section>"
     columns = [c for c in SENSITIVITY_COLUMNS if c in frame] + [c for c in frame if c not in SENSITIVITY_COLUMNS]
-    how = ("-quantize_only: the output noise this layer alone adds, in dB relative to the signal"
+    how = ("-quantize_only: the output noise this layer alone adds, in dB relative to the signal; "
+           "the bars show that noise in % of the output's power (noise powers add up across layers)"
            if metric == "output_sqnr" else "float_metric - quantize_only: what this layer alone costs")
     explain = _note(
         f"each layer measured alone, metric {metric}: quantize_only, the float model with only "
@@ -319,7 +335,8 @@ def build_report(session, *, title: str | None = None) -> str:
         _plan_section(session, results),
         _layers_section(results.table),
     ])
-    return PAGE.format(version=_e(__version__), title=_e(title), css=CSS, plotlyjs=get_plotlyjs(), body=body)
+    return PAGE.format(version=_e(__version__), title=_e(title), css=CSS, plotlyjs=packed_plotlyjs(),
+                       loader=LOADER, body=body)
 
 
 def write_report(session, path, *, title: str | None = None) -> pathlib.Path:

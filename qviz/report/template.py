@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-#: The page; every value substituted into it is already escaped HTML (plotly.js excepted).
+#: The page; every value substituted into it is already escaped HTML (packed plotly.js is base64).
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -11,7 +11,8 @@ PAGE = """<!DOCTYPE html>
 <meta name="generator" content="qviz {version}">
 <title>{title}</title>
 <style>{css}</style>
-<script>{plotlyjs}</script>
+<script id="qviz-plotly" type="application/octet-stream">{plotlyjs}</script>
+<script>{loader}</script>
 </head>
 <body>
 <main>
@@ -19,6 +20,21 @@ PAGE = """<!DOCTYPE html>
 </main>
 </body>
 </html>
+"""
+
+#: Unpacks plotly.js (gzip, base64) once; each figure's script waits for it (``qvizPlot``).
+LOADER = """
+window.qvizPlotly = (async () => {
+  const packed = document.getElementById("qviz-plotly").textContent.trim();
+  const bytes = Uint8Array.from(atob(packed), (c) => c.charCodeAt(0));
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+  const script = document.createElement("script");
+  script.textContent = await new Response(stream).text();
+  document.head.appendChild(script);
+})();
+function qvizPlot(id, figure, config) {
+  window.qvizPlotly.then(() => Plotly.newPlot(id, figure.data, figure.layout, config));
+}
 """
 
 # Content is at most 940 px wide: plotly draws each figure at its container's width, and 940 px

@@ -75,13 +75,18 @@ def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
             hovertemplate="%{x}<br>" + label + " %{y:.2f} dB<extra></extra>"))
     shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y,
                "name": "threshold", "layer": "below",
-               "line": {"color": RED if y == RED_DB else AMBER, "width": 1, "dash": "dot"}}
+               "line": {"color": RED if y == RED_DB else AMBER, "width": 1.5, "dash": "dot"}}
               for y in (RED_DB, AMBER_DB)]
     if selected in layers:
         shapes.append({"type": "line", "xref": "x", "x0": selected, "x1": selected, "yref": "paper", "y0": 0,
                        "y1": 1, "name": "selected", "line": {"color": "#444", "width": 2, "dash": "dash"}})
     fig.update_layout(shapes=shapes)  # at once: add_shape re-validates every shape on each call
     fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
+    finite = [float(v) for c in ("local_sqnr", "output_sqnr") for v in ordered[c].astype(float) if np.isfinite(v)]
+    if finite:  # the guide lines stay in view even when every layer is far above them
+        lo, hi = min(*finite, RED_DB), max(*finite, AMBER_DB)
+        pad = 0.06 * (hi - lo) + 1
+        fig.update_yaxes(range=[lo - pad, hi + pad])
     fig.update_yaxes(title_text="SQNR (dB)")
     fig.update_layout(clickmode="event", hovermode="closest")
     return layout(fig, "Error along depth (click a point to select its layer)")
