@@ -156,6 +156,7 @@ def test_user_fused_model_figures_match_plain_torch(fused_session):
             assert df.loc[n, col] == pytest.approx(plain[n][col], abs=1e-3), (n, col)
 
 
+@pytest.mark.slow
 def test_user_fused_model_apply_float_int4_back_and_undo(fused_session):
     model, _ = fused_session
     s = qviz.Session(model, CALIB, eval_data=EVAL, flow="eager", progress=False).run()
@@ -412,6 +413,13 @@ def test_dynamic_apply_rebuilds_one_layer_and_undo_restores():
     assert s.to_dataframe()[COLUMNS].equals(start)  # a refused change leaves the session as it was
 
 
+def test_dynamic_search_climbs_int8_fp16_float():
+    s = qviz.Session(_mlp(), MLP_DATA, flow="dynamic", progress=False).run()
+    found = s.search(target_sqnr=55)
+    assert {c.dtype for c in found.plan.values()} <= {"int8", "fp16", "float"}
+    assert found.candidates.output_sqnr.max() >= 55 and s.plan["fc1"].dtype == "int8"
+
+
 def test_dynamic_with_nothing_to_quantize_says_so():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     with pytest.raises(qviz.ModelError, match=r"quantized nothing.*Linear/LSTM/GRU.*Conv2d x1.*flow='fx'"):
@@ -473,7 +481,12 @@ def test_language_models_under_dynamic(rnn, dtype, tmp_path):
     s.apply({"head": {"dtype": "float"}})
     df2 = s.to_dataframe()
     assert df2.loc["head", "dtype"] == "float" and df2.loc["head", "local_sqnr"] == math.inf
-    assert '"rnn": ' + ("float16_dynamic_qconfig" if other == "fp16" else "default_dynamic_qconfig") in s.plan.to_code("dynamic")
+    code = s.plan.to_code("dynamic")
+    assert '"rnn": ' + ("float16_dynamic_qconfig" if other == "fp16" else "default_dynamic_qconfig") in code
+    spec = {}
+    exec(code.replace("qconfig_spec =", "spec =", 1), {}, spec)  # no global entry to reach the embedding
+    with quantized_engine("x86"):
+        assert torch.equal(_plain_dynamic(model, spec["spec"])(TOKENS[0]), s.quantized_model()(TOKENS[0]))
     s.undo()
     s.undo()
     assert s.to_dataframe()[COLUMNS].equals(df[COLUMNS])

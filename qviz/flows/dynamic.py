@@ -3,8 +3,9 @@
 There are no observers: activations are quantized per batch at run time. qviz still records
 what each quantized layer's input looks like during the calibration pass (role "dynamic").
 
-The layers it quantizes are the module types of torch's own ``quantize_dynamic`` default
-(``DYNAMIC_TYPES``, exact types: a subclass with its own forward has no dynamic kernel). Under
+The layers it quantizes are ``DYNAMIC_TYPES``, exact types (a subclass with its own forward has
+no dynamic kernel): torch's own ``quantize_dynamic`` default less the RNN cells, which run once
+per time step, and the comparator pairs a layer's float and quantized outputs once per batch. Under
 a plan every layer gets its qconfig by name, as ``Plan.to_code("dynamic")`` writes it; a layer
 changed by ``Session.apply`` is rebuilt alone from its float twin (:meth:`DynamicFlow.rebuild`).
 """
@@ -23,7 +24,7 @@ from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend
 from qviz.plan import LayerConfig, Plan, to_qconfig
 
-DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
 _DTYPES = {"int8": torch.qint8, "fp16": torch.float16}
 
 
