@@ -253,12 +253,14 @@ class Session:
         (timm's BatchNormAct2d, ...) as a plain nn.Module container."""
         module = self._quantized.get_submodule(name)
         module = module.module if isinstance(module, FloatLayer) else module
+        if hasattr(module, "layer_type"):  # PT2E taps name their layer's type themselves
+            return module.layer_type
         if type(module) is nn.Module:
             try:
                 module = self._model.get_submodule(name)
             except AttributeError:
                 pass
-        return getattr(module, "layer_type", type(module).__name__)
+        return type(module).__name__
 
     # -- what-if -------------------------------------------------------------------------------
     @property
