@@ -95,13 +95,12 @@ def _inside_fused(name: str, modules: dict[str, nn.Module]) -> bool:
     return any(isinstance(modules.get(".".join(parts[:i])), _FusedModule) for i in range(1, len(parts)))
 
 
-def fold_fused_bn(model: nn.Module) -> list[str]:
+def fold_fused_bn(model: nn.Module) -> None:
     """Fold the BN of conv-bn / linear-bn modules fused for QAT (ConvBnReLU2d, ...) in place, as
-    ``fuse_modules`` does in eval mode (ConvBnReLU2d -> ConvReLU2d); returns their names.
+    ``fuse_modules`` does in eval mode (ConvBnReLU2d -> ConvReLU2d).
 
     Eager ``convert`` has static kernels for ConvReLU2d, not for ConvBnReLU2d (which it leaves
     float, and which then fails on a quantized input); the folded module computes the same."""
-    folded = []
     for name, module in list(model.named_modules()):
         if isinstance(module, _FusedModule) and any(isinstance(c, _BN) for c in module.children()):
             members = list(module.children())
@@ -111,8 +110,6 @@ def fold_fused_bn(model: nn.Module) -> list[str]:
                 continue  # a fused type torch has no eval-mode fold for: left as it is
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, fuser(False, *members))
-            folded.append(name)
-    return folded
 
 
 class EagerFlow:
