@@ -344,6 +344,13 @@ def _plain_dynamic(model: nn.Module, spec) -> nn.Module:
         return tq.quantize_dynamic(copy.deepcopy(model), spec)
 
 
+def _spec_from_code(code: str) -> dict:
+    """Run Plan.to_code("dynamic")'s module and take its qconfig_spec."""
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace["qconfig_spec"]
+
+
 def test_dynamic_first_conversion_follows_the_plan():
     plan = qviz.Plan("x86", {"fc1": {"dtype": "fp16"}, "fc2": {"weight": "per_tensor"}, "fc3": {"dtype": "float"}})
     model = _mlp()
@@ -352,12 +359,11 @@ def test_dynamic_first_conversion_follows_the_plan():
     assert list(df.dtype) == ["float16 (dynamic)", "qint8 (dynamic)", "float"]
     assert s.plan == plan and s.quantized_model().fc1._packed_params.dtype == torch.float16
     code = s.plan.code_for(s.results.meta)
-    spec = {}
-    exec(code.replace("qconfig_spec =", "spec =", 1), {}, spec)  # the code runs without qviz
+    spec = _spec_from_code(code)  # the code runs without qviz
     with quantized_engine("x86"):
-        assert torch.equal(_plain_dynamic(model, spec["spec"])(MLP_DATA[0]), s.quantized_model()(MLP_DATA[0]))
+        assert torch.equal(_plain_dynamic(model, spec)(MLP_DATA[0]), s.quantized_model()(MLP_DATA[0]))
     # weight_sqnr: fp16 far above int8, both as plain torch computes them
-    plain = _plain_dynamic(model, spec["spec"])
+    plain = _plain_dynamic(model, spec)
     for n in ("fc1", "fc2"):
         want = _sqnr(model.get_submodule(n).weight.detach(), _deq(plain.get_submodule(n).weight()).float())
         assert df.loc[n, "weight_sqnr"] == pytest.approx(want, abs=1e-4)
@@ -398,10 +404,9 @@ def test_dynamic_apply_rebuilds_one_layer_and_undo_restores():
     assert df.loc["fc1", "dtype"] == "float" and df.loc["fc1", "local_sqnr"] == math.inf
     assert type(s.quantized_model().fc1) is nn.Linear
     # the live model is the plan's: torch builds the same from to_code()
-    spec = {}
-    exec(s.plan.to_code("dynamic").replace("qconfig_spec =", "spec =", 1), {}, spec)
+    spec = _spec_from_code(s.plan.to_code("dynamic"))
     with quantized_engine("x86"):
-        assert torch.equal(_plain_dynamic(model, spec["spec"])(MLP_DATA[0]), s.quantized_model()(MLP_DATA[0]))
+        assert torch.equal(_plain_dynamic(model, spec)(MLP_DATA[0]), s.quantized_model()(MLP_DATA[0]))
     scratch = qviz.Session(model, MLP_DATA, flow="dynamic", plan=s.plan, progress=False).run()
     assert ((s.to_dataframe()[COLUMNS] - scratch.to_dataframe()[COLUMNS]).abs().fillna(0) < 1e-6).all().all()
     s.undo()
@@ -483,10 +488,9 @@ def test_language_models_under_dynamic(rnn, dtype, tmp_path):
     assert df2.loc["head", "dtype"] == "float" and df2.loc["head", "local_sqnr"] == math.inf
     code = s.plan.to_code("dynamic")
     assert '"rnn": ' + ("float16_dynamic_qconfig" if other == "fp16" else "default_dynamic_qconfig") in code
-    spec = {}
-    exec(code.replace("qconfig_spec =", "spec =", 1), {}, spec)  # no global entry to reach the embedding
+    spec = _spec_from_code(code)  # no global entry that would reach the embedding
     with quantized_engine("x86"):
-        assert torch.equal(_plain_dynamic(model, spec["spec"])(TOKENS[0]), s.quantized_model()(TOKENS[0]))
+        assert torch.equal(_plain_dynamic(model, spec)(TOKENS[0]), s.quantized_model()(TOKENS[0]))
     s.undo()
     s.undo()
     assert s.to_dataframe()[COLUMNS].equals(df[COLUMNS])
