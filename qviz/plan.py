@@ -882,6 +882,8 @@ class _CodeWriter:
     def note(self, name: str) -> str:
         config = self.plan.layers[name]
         text = config.describe()
+        if self.flow == "dynamic" and config.dtype == "int8":  # activations: per batch, no observer
+            text = f"int8, {config.weight.replace('_', '-')} weights, activations quantized at run time"
         if self.flow != "dynamic" and self._is_percentile(config):
             text += "; qviz's qparams pinned" if name in self.fixed else "; see the note on top"
         return f"  # {text}"
@@ -891,7 +893,16 @@ class _CodeWriter:
         return config.activation == "percentile" and config.dtype in ("int8", "int4")
 
     def write(self) -> str:
-        plan, flow = self.plan, self.flow
+        flow = self.flow
+        if flow == "dynamic":
+            # every layer by name, no "" entry: a global would also reach nn.Embedding (which
+            # quantize_dynamic then refuses) and layers the plan does not hold
+            body = [
+                "qconfig_spec = {  # layers not named here stay float",
+                *(f"    {_literal(n)}: {self.ref(s)},{self.note(n)}" for n, s in self.specs.items()),
+                "}",
+            ]
+            return self._module(body)
         glob = self.ref(self.glob)
         changed = [(n, self.ref(s)) for n, s in self.specs.items() if s != self.glob]
         rest = f"{len(self.specs) - len(changed)} layer(s)"
@@ -907,7 +918,7 @@ class _CodeWriter:
                 ),
                 "    return mapping",
             ]
-        elif flow == "eager":
+        else:
             body = [
                 "def apply_qconfigs(model):",
                 '    """Set the plan\'s qconfigs on model\'s modules, by name; returns model."""',
@@ -919,13 +930,10 @@ class _CodeWriter:
                 ),
                 "    return model",
             ]
-        else:
-            body = [
-                "qconfig_spec = {",
-                f'    "": {glob},  # {rest} and all other Linear/RNN modules',
-                *(f"    {_literal(n)}: {r},{self.note(n)}" for n, r in changed),
-                "}",
-            ]
+        return self._module(body)
+
+    def _module(self, body: list[str]) -> str:
+        plan, flow = self.plan, self.flow
         header = [
             f'"""Quantization plan exported by qviz: backend "{plan.backend}", flow "{flow}", '
             f"{len(plan)} layers.",
@@ -934,9 +942,9 @@ class _CodeWriter:
             '"""',
             "",
             *(["import torch"] if self.definitions else []),
-            "from torch.ao.quantization import (",
+            *(["from torch.ao.quantization import ("] if self.imports else []),
             *(f"    {name}," for name in sorted(self.imports, key=str.lower)),
-            ")",
+            *([")"] if self.imports else []),
         ]
         top = [f"BACKEND = {_literal(plan.backend)}", *_USAGE[flow], *self._notes()]
         parts = ["\n".join(header), "\n".join(top), *self.definitions]

@@ -242,11 +242,25 @@ class Session:
             records=self._records, per_layer=self._per_layer,
             weights={n: w for n, w in self._weights.items() if n not in float_layers},
             order=self._comparator.order, left_float=float_layers, summary=summary,
-            types={n: getattr(m := self._quantized.get_submodule(n), "layer_type", type(m).__name__)
-                   for n in self._layers},
+            types={n: self._layer_type(n) for n in self._layers},
             simulated=[n for n in self._layers if self.plan is not None and n in self.plan
                        and self.plan[n].simulated],
         )
+
+    def _layer_type(self, name: str) -> str:
+        """The layer's class as the user knows it: the converted module's, the wrapped one's for
+        a layer left float by apply(), the float model's where FX kept a traced-through module
+        (timm's BatchNormAct2d, ...) as a plain nn.Module container."""
+        module = self._quantized.get_submodule(name)
+        module = module.module if isinstance(module, FloatLayer) else module
+        if hasattr(module, "layer_type"):  # PT2E taps name their layer's type themselves
+            return module.layer_type
+        if type(module) is nn.Module:
+            try:
+                module = self._model.get_submodule(name)
+            except AttributeError:
+                pass
+        return type(module).__name__
 
     # -- what-if -------------------------------------------------------------------------------
     @property
@@ -295,7 +309,7 @@ class Session:
         if self._model is None:
             return "a session loaded from a file holds results only: re-create it from the model to apply plans"
         if not (self.flow.name in ("fx", "eager") or hasattr(self.flow, "rebuild") or hasattr(self.flow, "reconvert")):
-            return f"apply() works with flow='fx', 'eager', 'pt2e' or 'torchao', not {self.flow.name!r}"
+            return f"apply() works with flow='fx', 'eager', 'dynamic', 'pt2e' or 'torchao', not {self.flow.name!r}"
         return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
                 "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
 

@@ -748,8 +748,9 @@ def test_dynamic_code_builds_the_same_quantized_model(engine):
     )
     spec = _exec(plan.to_code("dynamic"))["qconfig_spec"]
     mapping = plan.qconfig_mapping(flow="dynamic")
+    assert list(spec) == list(plan)  # every layer by name, no global that could reach others
     for name in plan:
-        assert _fingerprint(spec.get(name, spec[""])) == _fingerprint(
+        assert _fingerprint(spec[name]) == _fingerprint(
             to_qconfig(plan[name], "x86", flow="dynamic")
         ), name
     ours = {"": mapping.global_qconfig, **mapping.module_name_qconfigs}

@@ -2,16 +2,22 @@
 
 Also takes models the user already prepared with ``prepare`` or ``prepare_qat`` (they carry
 observers or fake-quants): those are converted as they are, after calibration through a copy.
+Models the user fused already (``fuse_modules``: ConvReLU2d, LinearReLU, ...) keep their fused
+modules; conv-bn modules fused for QAT (``fuse_modules_qat``: ConvBnReLU2d, ...) have their BN
+folded as ``fuse_modules`` does in eval mode, since eager convert has no static kernel for them.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import torch
 from torch import nn
 from torch.ao import quantization as tq
+from torch.ao.nn.intrinsic import _FusedModule
+from torch.ao.quantization.fuser_method_mappings import get_fuser_method
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
@@ -26,6 +32,8 @@ from qviz.flows.tracing import one_trace_at_a_time
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NO_KERNEL = re.compile(r"Could not run '(aten::[\w.]+)' with arguments from the 'Quantized\w*' backend")
+_FLOAT_FUNCTIONAL_OPS = ("add", "mul", "cat", "matmul")  # what FloatFunctional has quantized versions of
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -38,7 +46,9 @@ def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]
     """conv-bn(-relu), conv-relu, linear-relu and linear-bn chains, found by an FX trace.
 
     A module joins a chain only when it is the sole user of the previous module's output, so
-    fusing never changes what the model computes. Returns [] when FX cannot trace the model.
+    fusing never changes what the model computes. Modules inside a fused module the user made
+    (``fuse_modules``: ConvReLU2d, ...) are fused already and left alone. Returns [] when FX
+    cannot trace the model.
     """
     try:
         graph = torch.fx.symbolic_trace(model).graph
@@ -65,7 +75,7 @@ def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]
     groups = []
     for node in graph.nodes:
         first = module_of(node)
-        if not isinstance(first, (*_CONV, nn.Linear)):
+        if not isinstance(first, (*_CONV, nn.Linear)) or _inside_fused(node.target, modules):
             continue
         chain = [node]
         bn = sole_module_user(node, _BN)
@@ -77,6 +87,29 @@ def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]
         if len(chain) > 1:
             groups.append([n.target for n in chain])
     return groups
+
+
+def _inside_fused(name: str, modules: dict[str, nn.Module]) -> bool:
+    """True for 'conv1.0' when 'conv1' is a fused module (FX traces through those Sequentials)."""
+    parts = name.split(".")
+    return any(isinstance(modules.get(".".join(parts[:i])), _FusedModule) for i in range(1, len(parts)))
+
+
+def fold_fused_bn(model: nn.Module) -> None:
+    """Fold the BN of conv-bn / linear-bn modules fused for QAT (ConvBnReLU2d, ...) in place, as
+    ``fuse_modules`` does in eval mode (ConvBnReLU2d -> ConvReLU2d).
+
+    Eager ``convert`` has static kernels for ConvReLU2d, not for ConvBnReLU2d (which it leaves
+    float, and which then fails on a quantized input); the folded module computes the same."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _FusedModule) and any(isinstance(c, _BN) for c in module.children()):
+            members = list(module.children())
+            try:
+                fuser = get_fuser_method(tuple(type(c) for c in members))
+            except AssertionError:
+                continue  # a fused type torch has no eval-mode fold for: left as it is
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, fuser(False, *members))
 
 
 class EagerFlow:
@@ -110,6 +143,7 @@ class EagerFlow:
                 "as torch.ao.quantization.QuantWrapper(model), or use flow='fx'"
             )
         observed = copy.deepcopy(model).eval()
+        fold_fused_bn(observed)
         groups = detect_fusion_groups(observed) if self.fuse == "auto" else self.fuse
         if groups:
             try:
@@ -139,8 +173,39 @@ class EagerFlow:
     def convert(self, observed: nn.Module) -> nn.Module:
         return tq.convert(copy.deepcopy(observed).eval(), inplace=False)
 
+    def failure_advice(self, exc: BaseException, module: str | None = None) -> str | None:
+        """:func:`unsupported_op_advice` on this flow's backend (for a failed quantized run)."""
+        return unsupported_op_advice(exc, module, self.backend)
+
 
 def is_quant_point_child(model: nn.Module, name: str) -> bool:
     """The observer inside a fake-quant is part of that fake-quant, not a point of its own."""
     parent, _ = parent_layer(name)
     return bool(parent) and is_quant_point(model.get_submodule(parent))
+
+
+def unsupported_op_advice(exc: BaseException, module: str | None = None, backend: str = "x86") -> str | None:
+    """What happened and what to do when an eager-converted model ran an op that has no kernel
+    for quantized tensors (``out += identity``: ``aten::add.out``; a BatchNorm subclass eager
+    convert does not swap: ``aten::native_batch_norm``); None for any other failure.
+
+    ``module`` is the module whose forward failed, if known. Eager mode runs forward() as
+    written: tensor arithmetic on quantized tensors needs FloatFunctional, other float code
+    needs DeQuantStub/QuantStub around it, and FX inserts both itself."""
+    found = _NO_KERNEL.search(str(exc))
+    if found is None:
+        return None
+    op = found.group(1)
+    where = f" in {module!r}" if module else ""
+    said = (f"the eager-mode quantized model ran {op}{where} on a quantized tensor, and backend "
+            f"{backend!r} has no quantized kernel for it (eager mode runs forward() as written; "
+            "only the modules convert swapped compute on quantized tensors)")
+    if op.split("::")[1].split(".")[0].rstrip("_") in _FLOAT_FUNCTIONAL_OPS:
+        fix = ("replace that tensor arithmetic (`out += identity`, `x * y`, `torch.cat`) with a "
+               "torch.ao.nn.quantized.FloatFunctional module (self.skip_add = FloatFunctional() in "
+               "__init__, out = self.skip_add.add(out, identity) in forward), ")
+    else:
+        fix = ""
+    return (f"{said}. Fix: {fix}leave that code float (a DeQuantStub before it and a QuantStub after "
+            "it, and qconfig None on its modules), or use flow='fx', which quantizes such ops or "
+            "dequantizes around them for you")
