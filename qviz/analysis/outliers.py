@@ -1,0 +1,105 @@
+"""Activation outliers: which input channels of each linear layer carry the outliers.
+
+LLM activations concentrate their largest values in a few channels (the "emergent features"
+of LLM.int8(), the channels SmoothQuant migrates into the weights): a per-tensor int8 scale set
+by them leaves every other channel a handful of levels. For each linear layer's input, over
+the features (last) dimension, :class:`ChannelStats` keeps in one streaming pass:
+
+- ``absmax`` per channel, and ``ratio_to_median``: that over the median channel's abs-max;
+- ``persistence`` per channel: the share of tokens (rows) in which the channel exceeds 6x the
+  token's median magnitude over channels (about 4 sigma for Gaussian values). A *systematic* outlier channel is large in most tokens (high
+  persistence); a *spike* is one huge value (high abs-max, persistence near 0). Clipping or
+  per-token scales help against spikes; SmoothQuant / per-channel scales against systematic ones;
+- ``kurtosis`` of the layer's input values (excess, pooled over channels): 0 for a Gaussian,
+  large when a few values dominate (the per-layer heaviness figure).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+SPIKE_FACTOR = 6.0  # a value counts towards persistence above this many times its token's median |x|
+COLUMNS = ["layer", "channel", "absmax", "ratio_to_median", "persistence", "kurtosis", "kind"]
+
+
+class ChannelStats:
+    """Streaming per-channel statistics of one layer's input (features on the last dim)."""
+
+    def __init__(self):
+        self.absmax: torch.Tensor | None = None
+        self.exceed: torch.Tensor | None = None  # tokens in which each channel exceeded
+        self.tokens = 0
+        self.moments = torch.zeros(5, dtype=torch.float64)  # count, sum x, x^2, x^3, x^4
+
+    def update(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        absx = x.abs()
+        typical = absx.median(1, keepdim=True).values
+        exceed = (absx > SPIKE_FACTOR * typical).sum(0)
+        amax = absx.amax(0)
+        if self.absmax is None:
+            self.absmax, self.exceed = amax, exceed
+        elif self.absmax.shape != amax.shape:
+            return  # a layer fed inputs of another width (never for nn.Linear)
+        else:
+            self.absmax, self.exceed = torch.maximum(self.absmax, amax), self.exceed + exceed
+        self.tokens += x.shape[0]
+        self.moments += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64),
+                                     x.sum(), x.pow(2).sum(), x.pow(3).sum(), x.pow(4).sum()])
+
+    @property
+    def saw_data(self) -> bool:
+        return self.absmax is not None and self.tokens > 0
+
+    def kurtosis(self) -> float:
+        """Excess kurtosis of all values seen (0 for a Gaussian)."""
+        n, s1, s2, s3, s4 = (float(v) for v in self.moments)
+        if n < 2:
+            return math.nan
+        mean = s1 / n
+        var = s2 / n - mean**2
+        if var <= 0:
+            return math.nan
+        m4 = s4 / n - 4 * mean * s3 / n + 6 * mean**2 * s2 / n - 3 * mean**4
+        return m4 / var**2 - 3.0
+
+    def frame(self, layer: str) -> pd.DataFrame:
+        """One row per channel of this layer (all channels), see :data:`COLUMNS`."""
+        if not self.saw_data:
+            return pd.DataFrame(columns=COLUMNS)
+        absmax = self.absmax.numpy()
+        median = float(np.median(absmax))
+        ratio = absmax / median if median > 0 else np.full_like(absmax, np.inf)
+        persistence = self.exceed.double().numpy() / self.tokens
+        frame = pd.DataFrame({"layer": layer, "channel": np.arange(absmax.size), "absmax": absmax,
+                              "ratio_to_median": ratio, "persistence": persistence,
+                              "kurtosis": self.kurtosis()})
+        frame["kind"] = np.where(ratio < SPIKE_FACTOR, "", np.where(persistence >= 0.5, "systematic", "spike"))
+        frame.loc[(ratio >= SPIKE_FACTOR) & (persistence > 0.05) & (persistence < 0.5), "kind"] = "frequent"
+        return frame
+
+
+def outlier_frame(stats: dict[str, ChannelStats], top: int) -> pd.DataFrame:
+    """Each layer's ``top`` channels by abs-max, most extreme (ratio to median) first."""
+    parts = [s.frame(layer).nlargest(top, "absmax") for layer, s in stats.items() if s.saw_data]
+    if not parts:
+        return pd.DataFrame(columns=COLUMNS)
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.sort_values(["ratio_to_median", "absmax"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def channel_heatmap(stats: dict[str, ChannelStats]) -> tuple[list[str], np.ndarray]:
+    """(layers, matrix) of ratio_to_median, one row per layer, padded with NaN to the widest."""
+    layers = [n for n, s in stats.items() if s.saw_data]
+    width = max((stats[n].absmax.numel() for n in layers), default=0)
+    matrix = np.full((len(layers), width), np.nan)
+    for i, n in enumerate(layers):
+        ratio = stats[n].frame(n)["ratio_to_median"].to_numpy(dtype=float)
+        matrix[i, : ratio.size] = ratio
+    return layers, matrix
