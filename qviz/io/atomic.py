@@ -71,18 +71,27 @@ def _why(exc: OSError, folder: pathlib.Path) -> str:
     return f"{exc.strerror or exc}"
 
 
+def check_target(path, *, what: str = "the file", error: type[QvizError] = QvizError) -> pathlib.Path:
+    """Refuse early a target that cannot be written: a directory, or in a missing folder."""
+    path = pathlib.Path(path)
+    try:
+        if path.is_dir():
+            raise error(f"cannot write {what} to {path}: it is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise error(f"cannot write {what} to {path}: the directory {path.parent} does not exist; "
+                        "create it first")
+    except OSError as exc:  # e.g. a folder on the way that may not be searched
+        raise error(f"cannot write {what} to {path}: {_why(exc, path.parent)}") from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path, *, what: str = "the file", error: type[QvizError] = QvizError):
     """``with atomic_write(path) as fh: fh.write(b"...")``: the binary file ``fh`` replaces ``path``
     only once the block has finished without error. OS errors become ``error`` (a QvizError)
     naming ``what``, the path and, for permissions, the folder; nothing is left behind."""
-    path = pathlib.Path(path)
+    path = check_target(path, what=what, error=error)
     folder = path.parent
-    if path.is_dir():
-        raise error(f"cannot write {what} to {path}: it is a directory; give a file name")
-    if not folder.is_dir():
-        raise error(f"cannot write {what} to {path}: the directory {folder} does not exist; "
-                    "create it first")
     remove_stale_temps(path)
     tmp = folder / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
     key = os.path.abspath(tmp)

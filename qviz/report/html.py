@@ -27,7 +27,7 @@ from plotly.offline import get_plotlyjs
 
 from qviz import __version__
 from qviz.errors import QvizError
-from qviz.io.atomic import atomic_write
+from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, PAGE
 from qviz.ui import figures
 
@@ -324,11 +324,7 @@ def build_report(session, *, title: str | None = None) -> str:
 def write_report(session, path, *, title: str | None = None) -> pathlib.Path:
     """Write the report of ``session`` to ``path`` (atomically: see :mod:`qviz.io.atomic`);
     return the path."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise QvizError(f"cannot write the report to {path}: it is a directory; give a file name like report.html")
-    if not path.parent.is_dir():
-        raise QvizError(f"cannot write the report to {path}: the directory {path.parent} does not exist; create it first")
+    path = check_target(path, what="the report")  # before the work of building it
     text = build_report(session, title=title)
     with atomic_write(path, what="the report") as fh:
         fh.write(text.encode("utf-8"))
