@@ -78,6 +78,7 @@ SCHEMA = Fields(
                                      "histograms_every": (int, NULL)}, extra=SCALAR),
             "points": ListOf(Fields(required={"name": str, "layer": str, "role": str},
                                     optional={**_QRANGE, **dict.fromkeys(("channels", "ch_axis"), int),
+                                              **dict.fromkeys(("observer", "dtype", "qscheme"), str),
                                               "has_flags": bool}, extra=SCALAR)),
             "events": ListOf(Row(int, str, str, str, str)),
             "scalar_names": ListOf(str),
