@@ -53,6 +53,18 @@ SENSITIVITY_COLUMNS = {"rank": _INT, **dict.fromkeys(
 _FRAME = {"index": ListOf(str), "columns": ListOf(str), "dtypes": ListOf(OneOf(*_VALUES)),
           "data": DictOf(ListOf(SCALAR))}
 _QRANGE = {"quant_min": int, "quant_max": int}
+TIMELINE_SCHEMA = Fields(required={
+    "meta": Fields(optional={**dict.fromkeys(("every", "bins", "steps", "snapshot_stride", "histogram_stride",
+                                              "events_dropped", "world_size"), int),
+                             "histograms_every": (int, NULL)}, extra=SCALAR),
+    "points": ListOf(Fields(required={"name": str, "layer": str, "role": str},
+                            optional={**_QRANGE, **dict.fromkeys(("channels", "ch_axis"), int),
+                                      **dict.fromkeys(("observer", "dtype", "qscheme"), str),
+                                      "has_flags": bool}, extra=SCALAR)),
+    "events": ListOf(Row(int, str, str, str, str)),
+    "scalar_names": ListOf(str),
+    "batchnorms": ListOf(Fields(required={"name": str, "layer": str, "updating": bool}, extra=SCALAR)),
+}, extra=None)
 SCHEMA = Fields(
     required={
         "meta": Fields(optional=dict.fromkeys(("flow", "backend", "torch", "qviz", "sensitivity_metric"), str),
@@ -72,18 +84,7 @@ SCHEMA = Fields(
     },
     optional={
         "sensitivity": Fields(required={**_FRAME, "metric": (str, NULL)}, extra=None),
-        "timeline": Fields(required={
-            "meta": Fields(optional={**dict.fromkeys(("every", "bins", "steps", "snapshot_stride", "histogram_stride",
-                                                      "events_dropped", "world_size"), int),
-                                     "histograms_every": (int, NULL)}, extra=SCALAR),
-            "points": ListOf(Fields(required={"name": str, "layer": str, "role": str},
-                                    optional={**_QRANGE, **dict.fromkeys(("channels", "ch_axis"), int),
-                                              **dict.fromkeys(("observer", "dtype", "qscheme"), str),
-                                              "has_flags": bool}, extra=SCALAR)),
-            "events": ListOf(Row(int, str, str, str, str)),
-            "scalar_names": ListOf(str),
-            "batchnorms": ListOf(Fields(required={"name": str, "layer": str, "updating": bool}, extra=SCALAR)),
-        }, extra=None),
+        "timeline": TIMELINE_SCHEMA,
     },
 )
 
@@ -126,7 +127,7 @@ def check_manifest(manifest: dict, arrays: dict[str, np.ndarray], path) -> None:
         if arr.dtype.kind not in "biuf":
             raise fail(path, f"array {key!r}", f"is {arr.dtype}, expected numbers")
     if "timeline" in manifest:
-        _check_timeline(manifest["timeline"], arrays, path)
+        check_timeline(manifest["timeline"], arrays, path, prefix="timeline/")
 
 
 def _check_frame(doc: dict, known: dict, path, where: str) -> None:
@@ -146,35 +147,38 @@ def _check_frame(doc: dict, known: dict, path, where: str) -> None:
         validate(data[column], ListOf(_VALUES[dtype]), path, f"{where}.data.{column}")
 
 
-def _check_timeline(doc: dict, arrays: dict[str, np.ndarray], path) -> None:
-    """The QAT timeline's arrays: steps, a row per step (or histogram step) for every point."""
+def check_timeline(doc, arrays: dict[str, np.ndarray], path, *, prefix: str = "") -> None:
+    """A QAT timeline's manifest against :data:`TIMELINE_SCHEMA`, and its arrays (keys under
+    ``prefix``): steps, a row per step (or histogram step) for every point, possible histograms."""
+    validate(doc, TIMELINE_SCHEMA, path, f"manifest.{prefix.rstrip('/') or 'qat_timeline'}")
+
     def need(key: str, ndim: int, rows: int | None = None) -> np.ndarray:
-        arr = arrays.get(f"timeline/{key}")
+        arr = arrays.get(f"{prefix}{key}")
         if arr is None or arr.ndim != ndim or (rows is not None and arr.shape[0] != rows):
-            raise fail(path, f"array 'timeline/{key}'", f"is missing or not {ndim}-d with {rows} rows")
+            raise fail(path, f"array '{prefix}{key}'", f"is missing or not {ndim}-d with {rows} rows")
         return arr
 
     steps, hsteps = len(need("steps", 1)), len(need("hist_steps", 1))
     for j in range(len(doc["scalar_names"])):
         need(f"scalars/{j}/values", 1, len(need(f"scalars/{j}/steps", 1)))
     for i in range(len(doc["points"])):
-        for key in [k for k in arrays if k.startswith(f"timeline/{i}/")]:
-            tail = key.split("/", 2)[2]
+        for key in [k for k in arrays if k.startswith(f"{prefix}{i}/")]:
+            tail = key[len(f"{prefix}{i}/"):]
             if tail == "weight_index":
                 need(f"{i}/{tail}", 1)
             elif tail.startswith("hist/"):
                 need(f"{i}/{tail}", 2 if tail == "hist/counts" else 1, hsteps)
             else:
                 need(f"{i}/{tail}", 2, steps)
-        if f"timeline/{i}/hist/counts" not in arrays:
+        if f"{prefix}{i}/hist/counts" not in arrays:
             continue
         hist = {k: need(f"{i}/hist/{k}", 1, hsteps) for k in ("lo", "width", "min", "max")}
-        hist["counts"] = arrays[f"timeline/{i}/hist/counts"]
+        hist["counts"] = arrays[f"{prefix}{i}/hist/counts"]
         try:
             for row in range(hsteps):
                 StreamingHistogram.from_arrays({k: v[row] for k, v in hist.items()})
         except ValueError as exc:
-            raise fail(path, f"array 'timeline/{i}/hist'", f"holds an impossible histogram ({exc})") from None
+            raise fail(path, f"array '{prefix}{i}/hist'", f"holds an impossible histogram ({exc})") from None
 
 
 def weight_point(layer: str, rec: dict) -> PointRecord:
