@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import qviz
+from qviz.capture.qat import Timeline
 from qviz.cli import main
 from qviz.errors import ConfigError, SessionFileError
 from qviz.io import atomic
@@ -340,6 +341,23 @@ def test_wrong_typed_timeline_and_sensitivity_refused_at_load(tmp_path):
     session.save(tmp_path / "qat.qviz")
     loaded = _assert_refused_or_renders(tmp_path / "qat.qviz", tmp_path, only=("timeline", "sensitivity"))
     assert all(w.endswith("= null") for w in loaded), loaded
+    # a Recorder.save() file, read by Timeline.load, is checked the same way
+    path = tmp_path / "timeline.qviz"
+    session.results.timeline.save(path)
+    with zipfile.ZipFile(path) as zf:
+        doc = json.loads(zf.read("manifest.json"))
+    refused = 0
+    for where, manifest in _mutations(doc):
+        _rewrite(path, tmp_path / "t.qviz", manifest)
+        try:
+            timeline = Timeline.load(tmp_path / "t.qviz")
+        except SessionFileError as exc:
+            assert str(tmp_path / "t.qviz") in str(exc), (where, str(exc))
+            refused += 1
+            continue
+        assert where.endswith("= null"), where
+        timeline.to_dataframe()
+    assert refused > 50
 
 
 @pytest.mark.parametrize("where, value, field", [

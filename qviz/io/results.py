@@ -123,11 +123,15 @@ def check_manifest(manifest: dict, arrays: dict[str, np.ndarray], path) -> None:
     for i, p in enumerate(manifest["points"]):
         if p["info"].get("qscheme") in _PER_TENSOR and not all(k in p["info"] for k in _QRANGE):
             raise fail(path, f"manifest.points[{i}].info", "has a per-tensor qscheme but no quant_min/quant_max")
+    _check_numeric(arrays, path)
+    if "timeline" in manifest:
+        check_timeline(manifest["timeline"], arrays, path, prefix="timeline/")
+
+
+def _check_numeric(arrays: dict[str, np.ndarray], path) -> None:
     for key, arr in arrays.items():
         if arr.dtype.kind not in "biuf":
             raise fail(path, f"array {key!r}", f"is {arr.dtype}, expected numbers")
-    if "timeline" in manifest:
-        check_timeline(manifest["timeline"], arrays, path, prefix="timeline/")
 
 
 def _check_frame(doc: dict, known: dict, path, where: str) -> None:
@@ -151,6 +155,7 @@ def check_timeline(doc, arrays: dict[str, np.ndarray], path, *, prefix: str = ""
     """A QAT timeline's manifest against :data:`TIMELINE_SCHEMA`, and its arrays (keys under
     ``prefix``): steps, a row per step (or histogram step) for every point, possible histograms."""
     validate(doc, TIMELINE_SCHEMA, path, f"manifest.{prefix.rstrip('/') or 'qat_timeline'}")
+    _check_numeric({k: v for k, v in arrays.items() if k.startswith(prefix)}, path)
 
     def need(key: str, ndim: int, rows: int | None = None) -> np.ndarray:
         arr = arrays.get(f"{prefix}{key}")
@@ -161,9 +166,13 @@ def check_timeline(doc, arrays: dict[str, np.ndarray], path, *, prefix: str = ""
     steps, hsteps = len(need("steps", 1)), len(need("hist_steps", 1))
     for j in range(len(doc["scalar_names"])):
         need(f"scalars/{j}/values", 1, len(need(f"scalars/{j}/steps", 1)))
+    own: dict[int, list[str]] = {}  # point index -> the tails of its array keys
+    for key in arrays:
+        head, _, tail = key[len(prefix):].partition("/")
+        if key.startswith(prefix) and head.isdigit():
+            own.setdefault(int(head), []).append(tail)
     for i in range(len(doc["points"])):
-        for key in [k for k in arrays if k.startswith(f"{prefix}{i}/")]:
-            tail = key[len(f"{prefix}{i}/"):]
+        for tail in own.get(i, []):
             if tail == "weight_index":
                 need(f"{i}/{tail}", 1)
             elif tail.startswith("hist/"):
