@@ -421,6 +421,7 @@ def walkable_dir():
     shutil.rmtree(top)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
 def test_save_and_report_into_read_only_folder(real, walkable_dir):
     folder = walkable_dir / "ro"
@@ -535,3 +536,25 @@ def test_write_errors_are_qviz_errors(tmp_path, monkeypatch):
         write_session_file(path, {"v": "new"}, {"x": np.ones(10)})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.qviz"]
+
+
+def test_threads_saving_one_target_never_take_each_others_temp_files(tmp_path):
+    """Each write's cleanup skips the temp files this process is writing right now."""
+    target, errors = tmp_path / "s.qviz", []
+
+    def save(n: int):
+        try:
+            for i in range(5):
+                write_session_file(target, {"by": n, "i": i}, {"x": np.full(50_000, n, dtype=np.float64)})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    manifest, arrays = read_session_file(target)
+    np.testing.assert_array_equal(arrays["x"], np.full(50_000, manifest["by"], dtype=np.float64))
+    assert _temps(tmp_path, "s.qviz") == []

@@ -95,13 +95,13 @@ def atomic_write(path, *, what: str = "the file", error: type[QvizError] = QvizE
     remove_stale_temps(path)
     tmp = folder / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
     key = os.path.abspath(tmp)
-    try:  # 0o666 and O_EXCL: the umask applies as for any new file; never follows a planted link
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as exc:
-        raise error(f"cannot write {what} to {path}: {_why(exc, folder)}") from exc
-    with _LOCK:
+    with _LOCK:  # before it exists: another thread's cleanup must never take it
         _IN_FLIGHT.add(key)
     try:
+        try:  # 0o666 and O_EXCL: the umask applies as for any new file; never follows a planted link
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise error(f"cannot write {what} to {path}: {_why(exc, folder)}") from exc
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
