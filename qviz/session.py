@@ -606,7 +606,9 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
-def load(path) -> Session:
-    """Open a session file written by :meth:`Session.save` (safe with files from strangers)."""
-    return Session.from_results(Results.load(path))
+def load(path, *, max_bytes: int | None = None) -> Session:
+    """Open a session file written by :meth:`Session.save` (safe with files from strangers: the
+    file may make qviz allocate at most ``max_bytes``, 512 MiB by default; raise it for a larger
+    file you trust)."""
+    return Session.from_results(Results.load(path, max_bytes=max_bytes))
 

@@ -307,12 +307,12 @@ def test_write_is_atomic_and_errors_are_qviz_errors(demo, tmp_path, monkeypatch)
     session = demo[0]
     target = tmp_path / "r.html"
     target.write_text("old")
-    import qviz.report.html as report_html
+    from qviz.io import atomic  # every qviz write goes through it
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(report_html.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(RuntimeError):
         write_report(session, target)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]

@@ -626,10 +626,14 @@ class Timeline:
         write_session_file(path, {"qat_timeline": manifest}, arrays)
 
     @classmethod
-    def load(cls, path) -> Timeline:
-        manifest, arrays = read_session_file(path)
+    def load(cls, path, *, max_bytes: int | None = None) -> Timeline:
+        """Read a file of :meth:`Recorder.save` (checked as ``qviz.load`` checks session files)."""
+        from qviz.io.results import check_timeline  # the file format's checks live with its reader
+
+        manifest, arrays = read_session_file(path, max_bytes=max_bytes)
         if "qat_timeline" not in manifest:
             raise QvizError(f"{path} holds no QAT timeline: was it written by Recorder.save()?")
+        check_timeline(manifest["qat_timeline"], arrays, path)
         return cls.from_arrays(manifest["qat_timeline"], arrays)
 
 

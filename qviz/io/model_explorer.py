@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 
 import pandas as pd
 import torch
 
 from qviz.errors import ConfigError, ModelError
+from qviz.io.atomic import atomic_write
 
 GRAPH_ID = "graph"  # the id Model Explorer's PyTorch adapter gives the exported graph
 # low SQNR is bad: red at the minimum, through yellow, to green at the maximum
@@ -76,13 +75,6 @@ def node_data(program: torch.export.ExportedProgram, table: pd.DataFrame, figure
 
 def write_node_data(path, data: dict) -> pathlib.Path:
     """Write the node data JSON atomically."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, what="the Model Explorer node data") as fh:
+        fh.write(json.dumps(data).encode())
+    return pathlib.Path(path)

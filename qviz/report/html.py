@@ -22,9 +22,7 @@ import importlib
 import json
 import math
 import numbers
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -33,6 +31,7 @@ from plotly.offline import get_plotlyjs
 
 from qviz import __version__
 from qviz.errors import QvizError
+from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, LOADER, PAGE
 from qviz.ui import figures
 
@@ -340,28 +339,10 @@ def build_report(session, *, title: str | None = None) -> str:
 
 
 def write_report(session, path, *, title: str | None = None) -> pathlib.Path:
-    """Write the report of ``session`` to ``path`` (atomically: a temporary file in the same
-    folder, then renamed); return the path."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise QvizError(f"cannot write the report to {path}: it is a directory; give a file name like report.html")
-    if not path.parent.is_dir():
-        raise QvizError(f"cannot write the report to {path}: the directory {path.parent} does not exist; create it first")
+    """Write the report of ``session`` to ``path`` (atomically: see :mod:`qviz.io.atomic`);
+    return the path."""
+    path = check_target(path, what="the report")  # before the work of building it
     text = build_report(session, title=title)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise QvizError(f"could not write the report to {path}: {exc}") from exc
-        raise
+    with atomic_write(path, what="the report") as fh:
+        fh.write(text.encode("utf-8"))
     return path
