@@ -25,6 +25,7 @@ import copy
 import importlib
 import json
 import logging
+import math
 import warnings
 
 import torch
@@ -130,6 +131,11 @@ class TorchaoFlow:
 
     # -- the protocol ------------------------------------------------------------------------
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
+        """A copy of the model; the group size is checked against its int4 layers first (before
+        calibration), so torchao's AssertionError on a size that does not divide never shows."""
+        linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
+        plan = self.plan or Plan(self.backend, {n: LayerConfig(dtype=self.dtype) for n in linears})
+        self.check_plan(plan, linears)
         return copy.deepcopy(model).eval()
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
@@ -185,7 +191,7 @@ class TorchaoFlow:
 
     def check_plan(self, plan: Plan, modules: dict[str, nn.Module]) -> None:
         """Refuse what the torchao configs cannot do, naming every layer and the fix."""
-        problems = []
+        problems, ungrouped = [], {}
         for name, module in modules.items():
             config = plan.get(name)
             if config is None or config.dtype == "float":
@@ -210,10 +216,9 @@ class TorchaoFlow:
             elif (
                 config.dtype == "int4" and self.group_size and module.in_features % self.group_size
             ):
-                problems.append(
-                    f"{name!r}: in_features {module.in_features} is not a multiple of group_size "
-                    f"{self.group_size}; pick a group_size dividing it, or group_size=None (per channel)"
-                )
+                ungrouped[name] = module.in_features
+        if ungrouped:
+            problems.append(_group_size_problem(self.group_size, ungrouped, modules, plan))
         if problems:
             raise ConfigError("the torchao flow cannot run this plan:\n" + "\n".join(problems))
 
@@ -248,6 +253,22 @@ class TorchaoFlow:
             with quiet_torchao():
                 self.ao.quantize_(layer, ao_config, filter_fn=lambda module, fqn: module is layer)
         return layer
+
+
+def _group_size_problem(group_size: int, ungrouped: dict, modules: dict, plan: Plan) -> str:
+    """Which int4 layers ``group_size`` does not divide, and the sizes that divide every int4 layer."""
+    widths = [m.in_features for n, m in modules.items() if isinstance(m, nn.Linear)
+              and n in plan and plan[n].dtype == "int4"]
+    common = math.gcd(*widths)
+    sizes = [d for d in (256, 128, 64, 32, 16, 8, 4, 2) if common % d == 0][:4]
+    listed = ", ".join(f"{n!r} ({w})" for n, w in list(ungrouped.items())[:6])
+    more = f" and {len(ungrouped) - 6} more" if len(ungrouped) > 6 else ""
+    fits = (f"use a group_size dividing every int4 layer's in_features ({', '.join(map(str, sizes))}), "
+            if sizes else "no group size from 2 to 256 divides them all: use ")
+    return (
+        f"group_size {group_size} does not divide the in_features of int4 layer(s) {listed}{more}; "
+        f"{fits}group_size=None (one scale per output channel), or keep those layers int8"
+    )
 
 
 # -- code -----------------------------------------------------------------------------------
