@@ -40,15 +40,42 @@ def _sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # -- small models, one pattern each ---------------------------------------------------------
 class Chunk(nn.Module):
-    """chunk -> operator.getitem in the exported graph (ViT/DeiT/LeViT, ShuffleNetV2)."""
+    """chunk / split / unbind -> operator.getitem in the exported graph (ViT/DeiT/LeViT's qkv,
+    ShuffleNetV2's channel split)."""
+
+    def __init__(self, how: str = "chunk"):
+        super().__init__()
+        self.how, self.conv, self.fc = how, nn.Conv2d(3, 8, 3), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "chunk":
+            a, b = y.chunk(2, 1)
+        elif self.how == "split":
+            a, b = torch.split(y, [4, 4], 1)
+        else:
+            a, b = y.reshape(y.shape[0], 2, 4, *y.shape[2:]).unbind(1)
+        return self.fc((a + b).mean((2, 3)))
+
+
+class TwoWeights(nn.Module):
+    """One module running F.linear on two weights of its own (and a root-level weight)."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(4, 4)
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 8) / 3), nn.Parameter(torch.randn(8, 8) / 3)
 
     def forward(self, x):
-        a, b = self.conv(x).chunk(2, 1)
-        return self.fc((a + b).mean((2, 3)))
+        return nn.functional.linear(nn.functional.linear(x, self.w1), self.w2)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.w = TwoWeights(), nn.Parameter(torch.randn(4, 8) / 3)
+
+    def forward(self, x):
+        return nn.functional.linear(self.inner(x), self.w)
 
 
 class ReusedRelu(nn.Module):
@@ -218,16 +245,53 @@ def _check_against_own_values(session, model, calib, batch, layers):
     return checked
 
 
-def test_getitem_model_runs_with_rows_named_from_the_float_model():
-    model, calib = _built(Chunk), [(x,) for x in _images()]
+@pytest.mark.parametrize("how, op", [("chunk", "chunk"), ("split", "split_with_sizes"), ("unbind", "reshape")])
+def test_getitem_model_runs_with_rows_named_from_the_float_model(how, op):
+    torch.manual_seed(0)
+    model, calib = Chunk(how).eval(), [(x,) for x in _images()]
     before = model_snapshot(model)
     s = _run(model, calib)
     assert_unchanged(model, before)
     frame = s.to_dataframe()
     assert list(frame.index) == ["conv", "fc"] and frame["quantized"].all()
     assert frame[FIGURES].map(math.isfinite).all().all()
-    assert frame.loc["conv", "observer"] == "not observed: output feeds a float op (chunk)"
+    assert frame.loc["conv", "observer"] == f"not observed: output feeds a float op ({op})"
     _check_against_own_values(s, model, calib, calib[0], ["conv", "fc"])
+    s.apply({"conv": {"dtype": "float"}})
+    assert list(s.to_dataframe()["quantized"]) == [False, True]
+
+
+def test_a_module_running_two_weights_gets_a_row_per_op():
+    model, calib = _built(Outer), [(torch.randn(4, 8),) for _ in range(2)]
+    s = _run(model, calib)
+    frame = s.to_dataframe()
+    # "inner" owns two weights: its second op is "inner#1"; a root weight is named by itself
+    assert list(frame.index) == ["inner", "inner#1", "w"] and s.plan.groups == (("inner", "inner#1"),)
+    # X86InductorQuantizer leaves functional linears on bare parameters float, as plain torchao shows
+    _, converted = _plain_pt2e(model, calib)
+    weights = [n.args[1] for n in converted.graph.nodes if str(n.target) == "aten.linear.default"]
+    assert [w.op for w in weights] == ["get_attr"] * 3 and not frame["quantized"].any()
+    assert (frame["dtype"] == "float").all() and math.isinf(s.summary()["output_sqnr"])
+
+
+def test_a_failing_quantizer_gets_a_model_error():
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    class Broken(Quantizer):
+        def annotate(self, model):
+            return self._annotate_weights(model)
+
+        def _annotate_weights(self, model):
+            raise RuntimeError("no pattern for aten.linear")
+
+        def validate(self, model):
+            pass
+
+    with pytest.raises(ModelError) as info:
+        _run(_built(Shared), [torch.randn(4, 8)], quantizer=Broken())
+    message = str(info.value)
+    assert "Broken failed on Shared (RuntimeError in _annotate_weights: no pattern for aten.linear)" in message
+    assert "set_module_name_qconfig(name, None)" in message
 
 
 def test_a_reused_relu_gets_a_model_error_naming_it():
@@ -488,6 +552,7 @@ def test_llama_pt2e_figures_agree_with_the_numeric_debugger_and_own_values():
     print({k: round(v, 4) for k, v in diffs.items()}, checked)
 
 
+@pytest.mark.slow
 def test_bert_model_with_an_unused_pooler_runs():
     """BertModel's pooler output is dropped here: the dead Linear+Tanh left in the exported graph
     makes X86InductorQuantizer fail with an IndexError (plain torchao too); qviz removes dead code."""

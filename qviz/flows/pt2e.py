@@ -2,8 +2,10 @@
 default (``Session(..., flow="pt2e", quantizer=...)`` takes your own).
 
 An exported graph has no layer modules: a conv is an ``aten.conv2d`` node reading a weight
-attribute. qviz finds each weighted op (conv/linear whose weight is a ``get_attr``) and names the
-layer by the float model's module owning that weight (``stem_conv.weight`` -> ``stem_conv``). A
+attribute. qviz finds each weighted op (conv/linear, and the addmm/mm of e.g. transformers'
+Conv1D, which X86InductorQuantizer leaves float, whose weight is a ``get_attr``) and names the
+layer by the float model's module owning that weight (``stem_conv.weight`` -> ``stem_conv``); a
+further op of the same module (a shared module called again) is ``<module>#<k>``, k = 1, 2, ... A
 layer's *group* is its op plus the epilogue the quantizer fuses with it (BN is folded by
 prepare; relu, add, ...), up to the first observed node. Observers map to layers through the
 node they observe (a group output, a weight, a placeholder, or another op named by its
@@ -109,6 +111,7 @@ def pt2e_code(plan: Plan) -> str:
         "",
         "# Usage: exported = torch.export.export(model.eval(), example_inputs,",
         "#                                       dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()",
+        "#        exported.graph.eliminate_dead_code(); exported.recompile()  # unused outputs out",
         "#        prepared = prepare_pt2e(exported, build_quantizer())",
         "#        ...calibrate prepared...; quantized = convert_pt2e(prepared)",
         "",
@@ -215,7 +218,8 @@ def _prepare(exported: torch.fx.GraphModule, quantizer, model: nn.Module) -> tor
         with quiet_torchao():
             return quantize_pt2e.prepare_pt2e(copy.deepcopy(exported), quantizer)
     except Exception as exc:  # noqa: BLE001 - torchao's annotators raise ValueError, IndexError, ...
-        where = traceback.extract_tb(exc.__traceback__)[-1].name
+        frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+        where = next((f for f in reversed(frames) if f.startswith("_annotate")), frames[-1])
         what = f"{type(quantizer).__name__} failed on {type(model).__name__} ({type(exc).__name__} in {where}: {exc})"
         reused = reused_modules(exported.graph, model)
         if "more than one output node" in str(exc) and reused:
@@ -357,10 +361,10 @@ def output_notes(observed: torch.fx.GraphModule, groups: list[Group]) -> dict[st
     because what reads it is not quantized. {layer: reason}, for those layers only."""
     nodes = {n.name: n for n in observed.graph.nodes}
     outputs = {g.output: g.layer for g in groups}
-    first: dict[int, str] = {}  # observer module -> the node it is named by (its first)
+    first: dict[int, torch.fx.Node] = {}  # observer module -> the node it is named by (its first)
     for node in observed.graph.nodes:
         if node.op == "call_module" and is_quant_point(module := observed.get_submodule(node.target)):
-            first.setdefault(id(module), node.args[0].name)
+            first.setdefault(id(module), node.args[0])
     notes = {}
     for g in groups:
         out = nodes[g.output]
@@ -370,9 +374,9 @@ def output_notes(observed: torch.fx.GraphModule, groups: list[Group]) -> dict[st
         ]
         if watchers:
             source = first[id(observed.get_submodule(watchers[0].target))]
-            if source != out.name:
+            if source is not out:  # named as in Pt2eFlow._map_points
                 ops = sorted({_name(u) or u.op for w in watchers for u in w.users})
-                owner = outputs.get(source, source)
+                owner = outputs.get(source.name) or _module_path(source) or source.name
                 notes[g.layer] = f"shared with {'/'.join(ops)} output (observer listed under {owner!r})"
         elif all(u.op == "output" for u in out.users):
             notes[g.layer] = "not observed: model output, left float"
@@ -424,30 +428,36 @@ def _group_module(gm: torch.fx.GraphModule, group: Group) -> torch.fx.GraphModul
 
 
 def _install(gm: torch.fx.GraphModule, name: str, tap: nn.Module) -> None:
-    """Put ``tap`` at ``name``. Tensors the graph reads from the module already there (get_attr
-    ``name.weight``, also read by a tied embedding) move to attributes of ``gm`` first, so the
-    tap's own attributes cannot shadow them; that module's submodules stay under the tap."""
-    try:
-        old = gm.get_submodule(name)
-    except AttributeError:
-        old = None
+    """Put ``tap`` at ``name``. Tensors the graph reads there (get_attr ``name.weight``, also read
+    by a tied embedding, or ``name`` itself: a weight of the root module) move to attributes of
+    ``gm`` first, so the tap cannot shadow them; the submodules of a module there stay under it."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name)
+    old = parent._modules.get(attr)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target == name:
+            value = getattr(parent, attr)
+        elif old is not None and node.target.startswith(f"{name}.") and "." not in node.target[len(name) + 1:]:
+            value = getattr(old, node.target[len(name) + 1:])
+        else:
+            continue
+        if not isinstance(value, torch.Tensor):
+            continue
+        moved = "_qviz_" + node.target.replace(".", "_")
+        while hasattr(gm, moved):
+            moved += "_"
+        if isinstance(value, nn.Parameter):
+            gm.register_parameter(moved, value)
+        else:
+            gm.register_buffer(moved, value)
+        node.target = moved
     if old is not None:
-        prefix = f"{name}."
-        for node in gm.graph.nodes:
-            attr = node.target[len(prefix):] if node.op == "get_attr" and node.target.startswith(prefix) else ""
-            value = getattr(old, attr, None) if attr and "." not in attr else None
-            if not isinstance(value, torch.Tensor):
-                continue
-            moved = "_qviz_" + node.target.replace(".", "_")
-            while hasattr(gm, moved):
-                moved += "_"
-            if isinstance(value, nn.Parameter):
-                gm.register_parameter(moved, value)
-            else:
-                gm.register_buffer(moved, value)
-            node.target = moved
         for key, value in old._modules.items():
             tap.add_module(key, value)
+    elif hasattr(parent, attr):  # a tensor of the parent, read from its new place now
+        delattr(parent, attr)
     gm.add_submodule(name, tap)
 
 
@@ -644,9 +654,7 @@ class Pt2eFlow:
             elif source.name in outputs:
                 layer, role = outputs[source.name], "output"
             else:
-                stack = source.meta.get("nn_module_stack") or {}
-                path = list(stack.values())[-1][0] if stack else ""
-                layer, role = path or source.name, "output"
+                layer, role = _module_path(source) or source.name, "output"
             points[id(module)] = QuantPoint(node.target, module, layer, role)
         return list(points.values()), {p.name: frozenset(sources[key]) for key, p in points.items()}
 
