@@ -292,8 +292,10 @@ def _leaves(node) -> list:
 class Group:
     """One layer in the graph: node names (anchor first, output last) and its activation inputs."""
 
-    def __init__(self, layer: str, nodes: list, module_class: type | None, weight_index: int = 1):
+    def __init__(self, layer: str, nodes: list, module_class: type | None, weight_index: int = 1,
+                 owner: str | None = None):
         self.layer, self.module_class, self.weight_index = layer, module_class, weight_index
+        self.owner = owner or layer  # the module whose weight the op reads
         self.op = _name(nodes[0])
         self.nodes = [n.name for n in nodes]
         names = set(self.nodes)
@@ -342,7 +344,7 @@ def find_groups(observed: torch.fx.GraphModule, model: nn.Module) -> list[Group]
             module_class = type(model.get_submodule(owner))
         except AttributeError:
             module_class = None
-        groups.append(Group(layer, nodes, module_class, index))
+        groups.append(Group(layer, nodes, module_class, index, owner))
     return groups
 
 
@@ -351,7 +353,7 @@ def shared_layers(groups: list[Group]) -> tuple[tuple[str, ...], ...]:
     configs by module name (the Plan's groups)."""
     members: dict[str, list[str]] = {}
     for g in groups:
-        members.setdefault(g.layer.partition("#")[0], []).append(g.layer)
+        members.setdefault(g.owner, []).append(g.layer)
     return tuple(tuple(m) for m in members.values() if len(m) > 1)
 
 
@@ -456,7 +458,7 @@ def _install(gm: torch.fx.GraphModule, name: str, tap: nn.Module) -> None:
     if old is not None:
         for key, value in old._modules.items():
             tap.add_module(key, value)
-    elif hasattr(parent, attr):  # a tensor of the parent, read from its new place now
+    elif isinstance(getattr(parent, attr, None), torch.Tensor):  # read from its new place now
         delattr(parent, attr)
     gm.add_submodule(name, tap)
 
