@@ -578,3 +578,16 @@ def test_bert_model_with_an_unused_pooler_runs():
         prepare_pt2e(exported, default_quantizer())
     frame = _run(model, [(ids,)]).to_dataframe()
     assert "m.pooler.dense" not in frame.index and len(frame) == 6 and frame["quantized"].all()
+
+
+def test_torchao_failing_inside_quantize_gets_a_model_error():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).double().eval()
+    with pytest.raises(AssertionError, match="float64"):  # plain torchao
+        quantize_(copy.deepcopy(model), Int8DynamicActivationInt8WeightConfig())
+    with pytest.raises(ModelError, match=r"Unsupported input dtype: torch.float64.*model\.float\(\)"):
+        _run(model, [torch.randn(2, 8).double()], flow="torchao")
+    s = _run(model.float(), [torch.randn(2, 8)], flow="torchao")  # the advice works
+    assert s.to_dataframe()["quantized"].all()

@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import nn
 
-from qviz.errors import ConfigError
+from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend
 from qviz.plan import LayerConfig, Plan
 
@@ -168,9 +168,21 @@ class TorchaoFlow:
         configs = {n: self.config_for(self._layer_config(n)) for n in linears}
         configs = {n: c for n, c in configs.items() if c is not None}
         if configs:
-            with quiet_torchao():
-                self.ao.quantize_(quantized, self.ao.FqnToConfig(configs), filter_fn=None)
+            self._quantize(quantized, self.ao.FqnToConfig(configs), None, type(observed).__name__)
         return quantized
+
+    def _quantize(self, module: nn.Module, config, filter_fn, what: str) -> None:
+        """torchao's ``quantize_``; a failure inside torchao becomes a ModelError saying what to do."""
+        try:
+            with quiet_torchao():
+                self.ao.quantize_(module, config, filter_fn=filter_fn)
+        except Exception as exc:  # noqa: BLE001 - torchao's checks raise AssertionError, ValueError, ...
+            hint = ("convert the model to float32 or bfloat16 first (model.float())"
+                    if "dtype" in str(exc) else "leave the layers it fails on 'float' in the plan")
+            raise ModelError(
+                f"torchao's quantize_ could not quantize {what} ({type(exc).__name__}: {exc}); plain "
+                f"torchao fails the same way: {hint}, or use another scheme="
+            ) from exc
 
     # -- plans -------------------------------------------------------------------------------
     def use_plan(self, plan: Plan) -> None:
@@ -250,8 +262,7 @@ class TorchaoFlow:
         layer = copy.deepcopy(float_layer)
         ao_config = self.config_for(config)
         if ao_config is not None:
-            with quiet_torchao():
-                self.ao.quantize_(layer, ao_config, filter_fn=lambda module, fqn: module is layer)
+            self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
 
 
