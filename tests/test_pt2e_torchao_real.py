@@ -178,7 +178,7 @@ def _plain_pt2e(model, calib):
 
 
 def _node_values(gm: torch.fx.GraphModule, args: tuple) -> dict[str, tuple]:
-    """{node name: (input args, output)} of every aten.linear / aten.conv2d node, cloned."""
+    """{node name: (node, input args, output)} of every aten.linear / aten.conv2d node, cloned."""
     seen = {}
 
     class Recorder(torch.fx.Interpreter):
