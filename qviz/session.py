@@ -236,7 +236,7 @@ class Session:
             summary["latency_ms"] = median_latency_ms(self._quantized, self._eval[0])
         float_layers = [n for n in self._layers if n in self._left_float
                         or (self.plan is not None and n in self.plan and self.plan[n].dtype == "float")]
-        return Results.build(
+        results = Results.build(
             meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__,
                   "qviz": __version__, **getattr(self.flow, "meta", {})},
             records=self._records, per_layer=self._per_layer,
@@ -246,6 +246,12 @@ class Session:
             simulated=[n for n in self._layers if self.plan is not None and n in self.plan
                        and self.plan[n].simulated],
         )
+        table = results.table
+        for n in self._layers:  # why a quantized row has no output scale (pt2e: see output_notes)
+            note = getattr(self._quantized.get_submodule(n), "output_note", "")
+            if note and table.loc[n, "quantized"] and not table.loc[n, "observer"]:
+                table.loc[n, "observer"] = note
+        return results
 
     def _layer_type(self, name: str) -> str:
         """The layer's class as the user knows it: the converted module's, the wrapped one's for
@@ -353,7 +359,9 @@ class Session:
         self._per_layer.update(per_layer)
         self._model_figures = figures
         self._history.append(self.plan)
-        self._left_float = [n for n in self._left_float if n not in changed or target[n].dtype == "float"]
+        still_float = set(self.flow.find_layers(quantized, self._reference)[1]) if hasattr(self.flow, "find_layers") else set()
+        self._left_float = [n for n in self._left_float
+                            if n not in changed or target[n].dtype == "float" or n in still_float]
         self.plan = target
 
     @one_trace_at_a_time

@@ -53,7 +53,9 @@ def _float(t):
         return t
     if is_torchao_weight(t):
         return t.dequantize()
-    return t.dequantize() if t.is_quantized else t.float()
+    if t.is_quantized:
+        return t.dequantize()
+    return t.float() if t.is_floating_point() else t  # token ids and masks stay integer
 
 
 def is_quantized_module(module: nn.Module) -> bool:

@@ -2,8 +2,10 @@
 default (``Session(..., flow="pt2e", quantizer=...)`` takes your own).
 
 An exported graph has no layer modules: a conv is an ``aten.conv2d`` node reading a weight
-attribute. qviz finds each weighted op (conv/linear whose weight is a ``get_attr``) and names the
-layer by the float model's module owning that weight (``stem_conv.weight`` -> ``stem_conv``). A
+attribute. qviz finds each weighted op (conv/linear, and the addmm/mm of e.g. transformers'
+Conv1D, which X86InductorQuantizer leaves float, whose weight is a ``get_attr``) and names the
+layer by the float model's module owning that weight (``stem_conv.weight`` -> ``stem_conv``); a
+further op of the same module (a shared module called again) is ``<module>#<k>``, k = 1, 2, ... A
 layer's *group* is its op plus the epilogue the quantizer fuses with it (BN is folded by
 prepare; relu, add, ...), up to the first observed node. Observers map to layers through the
 node they observe (a group output, a weight, a placeholder, or another op named by its
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import math
+import traceback
 
 import torch
 import torch.utils._pytree as pytree
@@ -107,6 +111,7 @@ def pt2e_code(plan: Plan) -> str:
         "",
         "# Usage: exported = torch.export.export(model.eval(), example_inputs,",
         "#                                       dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()",
+        "#        exported.graph.eliminate_dead_code(); exported.recompile()  # unused outputs out",
         "#        prepared = prepare_pt2e(exported, build_quantizer())",
         "#        ...calibrate prepared...; quantized = convert_pt2e(prepared)",
         "",
@@ -120,21 +125,58 @@ def pt2e_code(plan: Plan) -> str:
     ])
 
 
+def _dynamic_batch(model: nn.Module, args: tuple):
+    """``dynamic_shapes`` with dim 0 of every tensor input dynamic, keyed by the parameter names of
+    ``model.forward`` (torch.export matches the signature: a ``*args`` parameter takes a tuple)."""
+
+    def spec(a):
+        return {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
+
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args).arguments
+    except (TypeError, ValueError):  # no Python signature, or one that takes no positional inputs
+        return tuple(spec(a) for a in args)
+    return {
+        name: tuple(spec(a) for a in value)
+        if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+        else spec(value)
+        for name, value in bound.items()
+    }
+
+
+def _check_names(model: nn.Module) -> None:
+    """torch.export's code generation writes attribute names into double-quoted strings unescaped:
+    a name holding ``"``, a backslash or a line break fails deep inside export; say so first."""
+    names = [
+        n
+        for named in (model.named_modules(), model.named_parameters(), model.named_buffers())
+        for n, _ in named
+        if '"' in n or "\\" in n or not n.isprintable()
+    ]
+    if names:
+        raise ModelError(
+            f"torch.export cannot export {type(model).__name__}: the names {', '.join(map(repr, names[:5]))} "
+            "hold characters its generated code cannot quote (\", \\, line breaks). Rename them "
+            "(add_module / register_parameter with letters, digits and _), or use flow='torchao', "
+            "which does not generate code"
+        )
+
+
 @one_trace_at_a_time
 def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
-    """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module."""
+    """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module,
+    dead code removed (an unused output such as BertModel's pooler would leave torchao's
+    X86InductorQuantizer a fusion pattern without output and an IndexError)."""
+    _check_names(model)
     args = tuple(
         torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
         for a in example
     )  # a batch of 1 would be specialised
-    dims = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
-        for a in args
-    )
     try:
         with quiet_torchao():
-            return torch.export.export(
-                copy.deepcopy(model).eval(), args, dynamic_shapes=dims
+            exported = torch.export.export(
+                copy.deepcopy(model).eval(), args, dynamic_shapes=_dynamic_batch(model, args)
             ).module()
     except Exception as exc:  # noqa: BLE001 - export fails with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -144,10 +186,68 @@ def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
             "rewrite that code with torch.cond / tensor ops (see torch.export's error above), or "
             "use flow='fx' or flow='eager'"
         ) from exc
+    exported.graph.eliminate_dead_code()
+    exported.recompile()
+    return exported
+
+
+def reused_modules(graph: torch.fx.Graph, model: nn.Module) -> dict[str, int]:
+    """Modules without parameters that the exported graph calls more than once: {path: calls}
+    (torch.export marks the k-th further call of a module ``@k`` in ``nn_module_stack``)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            _, at, k = key.rpartition("@")
+            calls[path] = max(calls.get(path, 1), int(k) + 1 if at and k.isdigit() else 1)
+    reused = {}
+    for path, n in calls.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if n > 1 and path and next(module.parameters(), None) is None:
+            reused[path] = n
+    return reused
+
+
+def _prepare(exported: torch.fx.GraphModule, quantizer, model: nn.Module) -> torch.fx.GraphModule:
+    """``prepare_pt2e`` on a copy of ``exported``; a quantizer failing inside torchao becomes a
+    ModelError saying what happened and what to change (plain prepare_pt2e fails the same way)."""
+    quantize_pt2e, _ = torchao_pt2e()
+    try:
+        with quiet_torchao():
+            return quantize_pt2e.prepare_pt2e(copy.deepcopy(exported), quantizer)
+    except Exception as exc:  # noqa: BLE001 - torchao's annotators raise ValueError, IndexError, ...
+        frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+        where = next((f for f in reversed(frames) if f.startswith("_annotate")), frames[-1])
+        what = f"{type(quantizer).__name__} failed on {type(model).__name__} ({type(exc).__name__} in {where}: {exc})"
+        reused = reused_modules(exported.graph, model)
+        if "more than one output node" in str(exc) and reused:
+            listed = ", ".join(
+                f"{p!r} ({type(model.get_submodule(p)).__name__}, {n} calls)" for p, n in reused.items()
+            )
+            raise ModelError(
+                f"{what}: its fusion patterns (conv/linear + add + relu, ...) take one call per module, "
+                f"and {listed} is used more than once. Give each use its own module (e.g. "
+                "self.relu2 = nn.ReLU()) or call torch.relu / F.relu there; plain prepare_pt2e fails "
+                "the same way"
+            ) from exc
+        raise ModelError(
+            f"{what}. Plain prepare_pt2e fails the same way on this model: leave the failing layers "
+            "float (an X86InductorQuantizer with set_module_name_qconfig(name, None), passed as "
+            "Session(..., quantizer=...)), or use flow='torchao'"
+        ) from exc
 
 
 def _name(node) -> str:
-    return str(node.target).split(".")[-2] if node.op == "call_function" else ""
+    """The op a call_function node runs: "conv2d" for aten.conv2d.default, "getitem" for
+    operator.getitem (chunk/split/unbind outputs), "" for other node kinds."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    return getattr(target, "__name__", str(target))
 
 
 def _weight_node(node):
@@ -165,13 +265,18 @@ def _weight_node(node):
     return node if node.op == "get_attr" else None
 
 
-def _is_anchor(node) -> bool:
+_WEIGHT_ARG = {"linear": 1, "addmm": 2, "mm": 1, "matmul": 1}  # conv*: 1
+_QUANTIZABLE = ("conv", "linear")  # the ops X86InductorQuantizer quantizes (addmm/mm stay float)
+
+
+def _weight_index(node) -> int | None:
+    """Where a weighted op (conv, linear, or the addmm/mm of e.g. transformers' Conv1D) takes its
+    weight, when that weight is a module attribute; else None."""
     op = _name(node)
-    return (
-        (op.startswith("conv") or op == "linear")
-        and len(node.args) > 1
-        and _weight_node(node.args[1]) is not None
-    )
+    index = 1 if op.startswith("conv") else _WEIGHT_ARG.get(op)
+    if index is None or len(node.args) <= index or _weight_node(node.args[index]) is None:
+        return None
+    return index
 
 
 def _observed(node) -> bool:
@@ -187,8 +292,11 @@ def _leaves(node) -> list:
 class Group:
     """One layer in the graph: node names (anchor first, output last) and its activation inputs."""
 
-    def __init__(self, layer: str, nodes: list, module_class: type | None):
-        self.layer, self.module_class = layer, module_class
+    def __init__(self, layer: str, nodes: list, module_class: type | None, weight_index: int = 1,
+                 owner: str | None = None):
+        self.layer, self.module_class, self.weight_index = layer, module_class, weight_index
+        self.owner = owner or layer  # the module whose weight the op reads
+        self.op = _name(nodes[0])
         self.nodes = [n.name for n in nodes]
         names = set(self.nodes)
         self.inputs = []  # (node name, leaf index) of activation inputs from outside the group
@@ -200,7 +308,7 @@ class Group:
                     or _weight_node(leaf) is not None
                 ):
                     continue
-                if k == 0 and i == 1:  # the weight, even when it is not a plain get_attr
+                if k == 0 and i == weight_index:  # the weight, even when it is not a plain get_attr
                     continue
                 self.inputs.append((node.name, i))
 
@@ -208,30 +316,76 @@ class Group:
     def output(self) -> str:
         return self.nodes[-1]
 
+    @property
+    def quantizable(self) -> bool:
+        return self.op.startswith(_QUANTIZABLE)
+
 
 def find_groups(observed: torch.fx.GraphModule, model: nn.Module) -> list[Group]:
-    """Every weighted conv/linear of the prepared graph with its epilogue, in graph order."""
-    groups, seen = [], set()
+    """Every weighted op of the prepared graph with its epilogue, in graph order. A layer is named
+    by the module owning its weight; a further op of that module (a shared module called again,
+    or one module running several weights) by ``<module>#<k>``, k = 1, 2, ... in graph order."""
+    groups, calls = [], {}
     for node in observed.graph.nodes:
-        if node.op != "call_function" or not _is_anchor(node):
+        index = _weight_index(node) if node.op == "call_function" else None
+        if index is None:
             continue
-        target = _weight_node(node.args[1]).target
-        layer = target.rpartition(".")[0] or target
-        if layer in seen:
-            layer = target
-        seen.add(layer)
+        target = _weight_node(node.args[index]).target
+        owner = target.rpartition(".")[0] or target
+        k = calls[owner] = calls.get(owner, -1) + 1
+        layer = f"{owner}#{k}" if k else owner
         nodes = [node]
         while not _observed(nodes[-1]) and len(nodes[-1].users) == 1:
             user = next(iter(nodes[-1].users))
-            if user.op != "call_function" or _name(user) not in _EPILOGUE or _is_anchor(user):
+            if user.op != "call_function" or _name(user) not in _EPILOGUE or _weight_index(user) is not None:
                 break
             nodes.append(user)
         try:
-            module_class = type(model.get_submodule(layer))
+            module_class = type(model.get_submodule(owner))
         except AttributeError:
             module_class = None
-        groups.append(Group(layer, nodes, module_class))
+        groups.append(Group(layer, nodes, module_class, index, owner))
     return groups
+
+
+def shared_layers(groups: list[Group]) -> tuple[tuple[str, ...], ...]:
+    """Layers configured together: a module's ops ("fc", "fc#1", ...), since a quantizer sets
+    configs by module name (the Plan's groups)."""
+    members: dict[str, list[str]] = {}
+    for g in groups:
+        members.setdefault(g.owner, []).append(g.layer)
+    return tuple(tuple(m) for m in members.values() if len(m) > 1)
+
+
+def output_notes(observed: torch.fx.GraphModule, groups: list[Group]) -> dict[str, str]:
+    """Why a layer's row has no output scale: its output observer is shared with other nodes and
+    listed under another layer (``cat``'s SharedQuantizationSpec), or nothing observes its output
+    because what reads it is not quantized. {layer: reason}, for those layers only."""
+    nodes = {n.name: n for n in observed.graph.nodes}
+    outputs = {g.output: g.layer for g in groups}
+    first: dict[int, torch.fx.Node] = {}  # observer module -> the node it is named by (its first)
+    for node in observed.graph.nodes:
+        if node.op == "call_module" and is_quant_point(module := observed.get_submodule(node.target)):
+            first.setdefault(id(module), node.args[0])
+    notes = {}
+    for g in groups:
+        out = nodes[g.output]
+        watchers = [
+            u for u in out.users
+            if u.op == "call_module" and is_quant_point(observed.get_submodule(u.target))
+        ]
+        if watchers:
+            source = first[id(observed.get_submodule(watchers[0].target))]
+            if source is not out:  # named as in Pt2eFlow._map_points
+                ops = sorted({_name(u) or u.op for w in watchers for u in w.users})
+                owner = outputs.get(source.name) or _module_path(source) or source.name
+                notes[g.layer] = f"shared with {'/'.join(ops)} output (observer listed under {owner!r})"
+        elif all(u.op == "output" for u in out.users):
+            notes[g.layer] = "not observed: model output, left float"
+        else:
+            ops = sorted({_name(u) or u.op for u in out.users if u.op != "output"})
+            notes[g.layer] = f"not observed: output feeds a float op ({', '.join(ops)})"
+    return notes
 
 
 class QuantizedTap(nn.Module):
@@ -276,18 +430,36 @@ def _group_module(gm: torch.fx.GraphModule, group: Group) -> torch.fx.GraphModul
 
 
 def _install(gm: torch.fx.GraphModule, name: str, tap: nn.Module) -> None:
-    """Put ``tap`` at ``name``, keeping what a module already there held (weights read by get_attr)."""
-    try:
-        old = gm.get_submodule(name)
-    except AttributeError:
-        old = None
+    """Put ``tap`` at ``name``. Tensors the graph reads there (get_attr ``name.weight``, also read
+    by a tied embedding, or ``name`` itself: a weight of the root module) move to attributes of
+    ``gm`` first, so the tap cannot shadow them; the submodules of a module there stay under it."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name)
+    old = parent._modules.get(attr)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target == name:
+            value = getattr(parent, attr)
+        elif old is not None and node.target.startswith(f"{name}.") and "." not in node.target[len(name) + 1:]:
+            value = getattr(old, node.target[len(name) + 1:])
+        else:
+            continue
+        if not isinstance(value, torch.Tensor):
+            continue
+        moved = "_qviz_" + node.target.replace(".", "_")
+        while hasattr(gm, moved):
+            moved += "_"
+        if isinstance(value, nn.Parameter):
+            gm.register_parameter(moved, value)
+        else:
+            gm.register_buffer(moved, value)
+        node.target = moved
     if old is not None:
-        for key, value in old._parameters.items():
-            tap.register_parameter(key, value)
-        for key, value in old._buffers.items():
-            tap.register_buffer(key, value)
         for key, value in old._modules.items():
             tap.add_module(key, value)
+    elif isinstance(getattr(parent, attr, None), torch.Tensor):  # read from its new place now
+        delattr(parent, attr)
     gm.add_submodule(name, tap)
 
 
@@ -295,9 +467,9 @@ def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return functools.reduce(getattr, target.split("."), gm)
 
 
-def _quantized_weight(gm: torch.fx.GraphModule, anchor) -> torch.Tensor | None:
-    """The converted graph's int8 weight of ``anchor`` as a torch quantized tensor, or None (float)."""
-    dq = anchor.args[1]
+def _quantized_weight(gm: torch.fx.GraphModule, dq) -> torch.Tensor | None:
+    """The converted graph's int8 weight behind argument ``dq`` as a torch quantized tensor, or
+    None (float)."""
     if not (
         isinstance(dq, torch.fx.Node)
         and dq.op == "call_function"
@@ -314,8 +486,10 @@ def _quantized_weight(gm: torch.fx.GraphModule, anchor) -> torch.Tensor | None:
 
 
 def _insert_taps(
-    gm: torch.fx.GraphModule, groups: list[Group], reference: bool
+    gm: torch.fx.GraphModule, groups: list[Group], reference: bool, notes: dict | None = None
 ) -> torch.fx.GraphModule:
+    """A tap after each group's output (see the module docstring); ``notes`` (quantized graph):
+    why a layer has no output quantization of its own, kept as the tap's ``output_note``."""
     nodes = {n.name: n for n in gm.graph.nodes}
     for group in groups:
         if group.output not in nodes:
@@ -324,28 +498,18 @@ def _insert_taps(
             )
         leaves = {name: _leaves(nodes[name]) for name in group.nodes}
         inputs = [leaves[name][i] for name, i in group.inputs]
-        if reference:
-            tap = ReferenceTap(_group_module(gm, group))
-        else:
-            tap = QuantizedTap()
+        tap = ReferenceTap(_group_module(gm, group)) if reference else QuantizedTap()
         _install(gm, group.layer, tap)
-        anchor = nodes[group.nodes[0]]
-        if reference:
-            weight = _fetch(gm, _weight_node(anchor.args[1]).target)
-        else:
-            weight = _quantized_weight(gm, anchor)
+        weight_arg = nodes[group.nodes[0]].args[group.weight_index]
+        weight = None if reference else _quantized_weight(gm, weight_arg)
+        if not reference:
             tap.quantized = weight is not None
             tap.dtype = weight.dtype if weight is not None else torch.float32
-            weight = (
-                weight if weight is not None else _fetch(gm, _weight_node(anchor.args[1]).target)
-            )
-        if "weight" in tap._parameters and tap._parameters["weight"] is not weight:
-            del tap._parameters["weight"]  # a float weight the converted graph no longer reads
-        if "weight" not in tap._parameters:
-            tap.weight = weight.detach()
-        tap.layer_type = (
-            group.module_class.__name__ if group.module_class else _name(nodes[group.nodes[0]])
-        )
+            tap.output_note = (notes or {}).get(group.layer, "")
+        if weight is None:
+            weight = _fetch(gm, _weight_node(weight_arg).target)
+        tap.weight = weight.detach()
+        tap.layer_type = group.module_class.__name__ if group.module_class else group.op
         tap.layer_class = group.module_class
         with gm.graph.inserting_after(nodes[group.output]):
             gm.graph.call_module(group.layer, (nodes[group.output], *inputs))
@@ -367,6 +531,7 @@ class Pt2eFlow:
         self.quantizer = quantizer
         self.plan = None
         self.groups: list[Group] = []
+        self._notes: dict[str, str] = {}
         self._exported = None
         self._model = None
 
@@ -386,13 +551,20 @@ class Pt2eFlow:
 
     def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
         """What X86InductorQuantizer's default config does: int8, per-channel symmetric weights,
-        histogram activations, full 8-bit range."""
+        histogram activations, full 8-bit range. The ops of one module ("fc", "fc#1") form one
+        plan group: the quantizer configures them together, by module name (int8 when it
+        quantized any of them: X86InductorQuantizer leaves a shared Linear's first call float)."""
+        groups = shared_layers(self.groups)
+        members = {m for g in groups for m in g[1:]}
+        float_keys = set(left_float) - {g[0] for g in groups if not set(g) <= set(left_float)}
         return Plan(
             self.backend,
             {
-                n: LayerConfig(dtype="float" if n in left_float else "int8", reduce_range=False)
+                n: LayerConfig(dtype="float" if n in float_keys else "int8", reduce_range=False)
                 for n in layers
+                if n not in members
             },
+            groups,
         )
 
     def use_plan(self, plan: Plan) -> None:
@@ -400,10 +572,16 @@ class Pt2eFlow:
 
     def check_plan(self, plan: Plan, modules: dict) -> None:
         """Refuse what the default X86InductorQuantizer cannot express per module name."""
-        default = LayerConfig()
-        problems = []
+        default, ops = LayerConfig(), {g.layer: g for g in self.groups}
+        problems, other = [], []
         for name, config in plan.items():
             if config.dtype == "float":
+                continue
+            if name in ops and not ops[name].quantizable:
+                other.append(
+                    f"layer {name!r} runs {ops[name].op} ({ops[name].module_class.__name__ if ops[name].module_class else 'a functional op'}), "
+                    "which X86InductorQuantizer leaves float (it quantizes conv and linear): keep it 'float'"
+                )
                 continue
             extra = [
                 f
@@ -420,6 +598,15 @@ class Pt2eFlow:
                 problems.append(
                     f"layer {name!r}: {', '.join(f'{f}={getattr(config, f)!r}' for f in extra)}"
                 )
+        for group in shared_layers(self.groups):
+            configs = {plan[m] for m in group if m in plan}
+            if len(configs) > 1:
+                other.append(
+                    f"layers {', '.join(map(repr, group))} are ops of one module, which the quantizer "
+                    "configures by module name: give them the same config"
+                )
+        if other:
+            raise ConfigError("; ".join(other))
         if problems:
             raise ConfigError(
                 "flow 'pt2e' with X86InductorQuantizer takes dtype 'int8' (histogram activations, "
@@ -432,14 +619,13 @@ class Pt2eFlow:
 
     @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
-        quantize_pt2e, _ = torchao_pt2e()
         self._model = model
         self._exported = export_model(model, example_inputs)
-        with quiet_torchao():
-            observed = quantize_pt2e.prepare_pt2e(
-                copy.deepcopy(self._exported), self._quantizer(self.plan)
-            )
+        observed = _prepare(self._exported, self._quantizer(self.plan), model)
         self.groups = find_groups(observed, model)
+        if self.plan is not None:  # now that the layers are known (shared modules, op kinds)
+            self.check_plan(self.plan, {})
+        self._notes = output_notes(observed, self.groups)
         return observed
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
@@ -470,9 +656,7 @@ class Pt2eFlow:
             elif source.name in outputs:
                 layer, role = outputs[source.name], "output"
             else:
-                stack = source.meta.get("nn_module_stack") or {}
-                path = list(stack.values())[-1][0] if stack else ""
-                layer, role = path or source.name, "output"
+                layer, role = _module_path(source) or source.name, "output"
             points[id(module)] = QuantPoint(node.target, module, layer, role)
         return list(points.values()), {p.name: frozenset(sources[key]) for key, p in points.items()}
 
@@ -484,7 +668,7 @@ class Pt2eFlow:
         quantize_pt2e, _ = torchao_pt2e()
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(copy.deepcopy(observed))
-        return _insert_taps(quantized, self.groups, reference=False)
+        return _insert_taps(quantized, self.groups, reference=False, notes=self._notes)
 
     def find_layers(
         self, quantized: nn.Module, reference: nn.Module
@@ -505,10 +689,8 @@ class Pt2eFlow:
         only then does one pass over ``calib`` run, and only those observers' results are used.
         """
         quantize_pt2e, _ = torchao_pt2e()
-        with quiet_torchao():
-            observed = quantize_pt2e.prepare_pt2e(
-                copy.deepcopy(self._exported), self._quantizer(plan)
-            )
+        observed = _prepare(self._exported, self._quantizer(plan), self._model)
+        notes = output_notes(observed, self.groups)
         calibrated = {sources: name for name, sources in self.sources.items()}
         missing, (points, sources) = [], self._map_points(observed)
         for p in points:
@@ -545,7 +727,7 @@ class Pt2eFlow:
                     observed(*args)
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(observed)
-        return _insert_taps(quantized, self.groups, reference=False)
+        return _insert_taps(quantized, self.groups, reference=False, notes=notes)
 
     def sensitivity(self, session, *, eval_fn=None, progress: bool = False, callback=None,
                     variants=("quantize_only", "skip_only")):

@@ -25,12 +25,13 @@ import copy
 import importlib
 import json
 import logging
+import math
 import warnings
 
 import torch
 from torch import nn
 
-from qviz.errors import ConfigError
+from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend
 from qviz.plan import LayerConfig, Plan
 
@@ -130,6 +131,11 @@ class TorchaoFlow:
 
     # -- the protocol ------------------------------------------------------------------------
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
+        """A copy of the model; the group size is checked against its int4 layers first (before
+        calibration), so torchao's AssertionError on a size that does not divide never shows."""
+        linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
+        plan = self.plan or Plan(self.backend, {n: LayerConfig(dtype=self.dtype) for n in linears})
+        self.check_plan(plan, linears)
         return copy.deepcopy(model).eval()
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
@@ -162,9 +168,21 @@ class TorchaoFlow:
         configs = {n: self.config_for(self._layer_config(n)) for n in linears}
         configs = {n: c for n, c in configs.items() if c is not None}
         if configs:
-            with quiet_torchao():
-                self.ao.quantize_(quantized, self.ao.FqnToConfig(configs), filter_fn=None)
+            self._quantize(quantized, self.ao.FqnToConfig(configs), None, type(observed).__name__)
         return quantized
+
+    def _quantize(self, module: nn.Module, config, filter_fn, what: str) -> None:
+        """torchao's ``quantize_``; a failure inside torchao becomes a ModelError saying what to do."""
+        try:
+            with quiet_torchao():
+                self.ao.quantize_(module, config, filter_fn=filter_fn)
+        except Exception as exc:  # noqa: BLE001 - torchao's checks raise AssertionError, ValueError, ...
+            hint = ("convert the model to float32 or bfloat16 first (model.float())"
+                    if "dtype" in str(exc) else "leave the layers it fails on 'float' in the plan")
+            raise ModelError(
+                f"torchao's quantize_ could not quantize {what} ({type(exc).__name__}: {exc}); plain "
+                f"torchao fails the same way: {hint}, or use another scheme="
+            ) from exc
 
     # -- plans -------------------------------------------------------------------------------
     def use_plan(self, plan: Plan) -> None:
@@ -185,7 +203,7 @@ class TorchaoFlow:
 
     def check_plan(self, plan: Plan, modules: dict[str, nn.Module]) -> None:
         """Refuse what the torchao configs cannot do, naming every layer and the fix."""
-        problems = []
+        problems, ungrouped = [], {}
         for name, module in modules.items():
             config = plan.get(name)
             if config is None or config.dtype == "float":
@@ -210,10 +228,9 @@ class TorchaoFlow:
             elif (
                 config.dtype == "int4" and self.group_size and module.in_features % self.group_size
             ):
-                problems.append(
-                    f"{name!r}: in_features {module.in_features} is not a multiple of group_size "
-                    f"{self.group_size}; pick a group_size dividing it, or group_size=None (per channel)"
-                )
+                ungrouped[name] = module.in_features
+        if ungrouped:
+            problems.append(_group_size_problem(self.group_size, ungrouped, modules, plan))
         if problems:
             raise ConfigError("the torchao flow cannot run this plan:\n" + "\n".join(problems))
 
@@ -245,9 +262,24 @@ class TorchaoFlow:
         layer = copy.deepcopy(float_layer)
         ao_config = self.config_for(config)
         if ao_config is not None:
-            with quiet_torchao():
-                self.ao.quantize_(layer, ao_config, filter_fn=lambda module, fqn: module is layer)
+            self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
+
+
+def _group_size_problem(group_size: int, ungrouped: dict, modules: dict, plan: Plan) -> str:
+    """Which int4 layers ``group_size`` does not divide, and the sizes that divide every int4 layer."""
+    widths = [m.in_features for n, m in modules.items() if isinstance(m, nn.Linear)
+              and n in plan and plan[n].dtype == "int4"]
+    common = math.gcd(*widths)
+    sizes = [d for d in (256, 128, 64, 32, 16, 8, 4, 2) if common % d == 0][:4]
+    listed = ", ".join(f"{n!r} ({w})" for n, w in list(ungrouped.items())[:6])
+    more = f" and {len(ungrouped) - 6} more" if len(ungrouped) > 6 else ""
+    fits = (f"use a group_size dividing every int4 layer's in_features ({', '.join(map(str, sizes))}), "
+            if sizes else "no group size from 2 to 256 divides them all: use ")
+    return (
+        f"group_size {group_size} does not divide the in_features of int4 layer(s) {listed}{more}; "
+        f"{fits}group_size=None (one scale per output channel), or keep those layers int8"
+    )
 
 
 # -- code -----------------------------------------------------------------------------------
