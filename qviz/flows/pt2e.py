@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import math
 
@@ -32,7 +33,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend, is_quant_point, neutral_reference
+from qviz.flows.base import (
+    QuantPoint,
+    call_model,
+    check_backend,
+    is_quant_point,
+    neutral_reference,
+    split_batch,
+)
 from qviz.flows.torchao_flow import quiet_torchao
 from qviz.flows.tracing import one_trace_at_a_time
 from qviz.plan import LayerConfig, Plan
@@ -121,20 +129,19 @@ def pt2e_code(plan: Plan) -> str:
 
 
 @one_trace_at_a_time
-def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
-    """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module."""
-    args = tuple(
-        torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
-        for a in example
-    )  # a batch of 1 would be specialised
-    dims = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
-        for a in args
-    )
+def export_model(model: nn.Module, example) -> torch.fx.GraphModule:
+    """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module.
+    ``example`` is a batch (tensor, tuple, or mapping of keyword inputs)."""
+    args, kwargs = split_batch(example)
+    double = lambda a: torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a  # noqa: E731
+    args, kwargs = tuple(map(double, args)), {k: double(v) for k, v in kwargs.items()}  # a batch of 1 would be specialised
+    dim = lambda a: {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None  # noqa: E731
+    dims = tuple(map(dim, args)) if not kwargs else {  # keyword inputs: by argument name
+        n: dim(v) for n, v in inspect.signature(model.forward).bind(*args, **kwargs).arguments.items()}
     try:
         with quiet_torchao():
             return torch.export.export(
-                copy.deepcopy(model).eval(), args, dynamic_shapes=dims
+                copy.deepcopy(model).eval(), args, kwargs=kwargs, dynamic_shapes=dims
             ).module()
     except Exception as exc:  # noqa: BLE001 - export fails with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -541,8 +548,8 @@ class Pt2eFlow:
                     "build it from scratch with Session(model, data, flow='pt2e', plan=plan).run()"
                 )
             with torch.no_grad():
-                for args in calib:
-                    observed(*args)
+                for batch in calib:
+                    call_model(observed, batch)
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(observed)
         return _insert_taps(quantized, self.groups, reference=False)
