@@ -12,6 +12,7 @@ import linecache
 import os
 import re
 
+import torch
 from torch import nn
 
 from qviz.errors import ModelError
@@ -30,7 +31,7 @@ _KNOWN = (
      "{0} is a quantized op that was given a float tensor: in eager mode put a QuantStub before the "
      "quantized part and a DeQuantStub after it (or wrap the model in "
      "torch.ao.quantization.QuantWrapper), or use flow='fx'"),
-    (re.compile(r"\"histc\S*\" not implemented for '(Long|Int|Short|Char|Byte|Bool)'"),
+    (re.compile(r"\"(?:histc|histogram)\w*\" not implemented for '(Long|Int|Short|Char|Byte|Bool)'"),
      "an observer was given an integer ({0}) tensor (e.g. `x * mask` with an integer mask): cast "
      "that tensor to float in the model, or leave the op float in the QConfigMapping "
      "(`.set_object_type(torch.mul, None)`, or `.set_module_name(name, None)`)"),
@@ -61,7 +62,7 @@ def _innermost(model: nn.Module, exc: BaseException) -> tuple[str, nn.Module, st
     return name, module, line
 
 
-def _where(name: str, module: nn.Module, float_model: nn.Module) -> str:
+def _where(model: nn.Module, name: str, module: nn.Module, float_model: nn.Module) -> str:
     """'layer1.0' (Bottleneck); a module the flow inserted is named inside its float ancestor."""
     float_modules = dict(float_model.named_modules())
     if name in float_modules:
@@ -71,7 +72,16 @@ def _where(name: str, module: nn.Module, float_model: nn.Module) -> str:
     while parent and parent not in float_modules:
         parent = parent.rpartition(".")[0]
     inside = f"{parent!r} ({type(float_modules[parent]).__name__})" if parent else type(float_model).__name__
-    return f"{name!r} ({type(module).__name__}, inserted by the flow) inside {inside}"
+    return f"{name!r} ({type(module).__name__}, inserted by the flow{_fed_by(model, name)}) inside {inside}"
+
+
+def _fed_by(model: nn.Module, name: str) -> str:
+    """', fed by `attention_mask`' for a module an FX graph calls on a node (an observer)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return ""
+    node = next((n for n in model.graph.nodes if n.op == "call_module" and n.target == name), None)
+    source = node.args[0] if node is not None and node.args else None
+    return f", fed by `{source.name}`" if isinstance(source, torch.fx.Node) else ""
 
 
 def model_failure(model: nn.Module, float_model: nn.Module, kind: str, batch: str,
@@ -87,5 +97,5 @@ def model_failure(model: nn.Module, float_model: nn.Module, kind: str, batch: st
                   "another flow (flow='fx', 'pt2e', 'dynamic' or 'torchao')")
     return ModelError(
         f"the {kind} failed on {batch}, which the float model runs, so the data is not the problem: "
-        f"in {_where(name, module, float_model)}{line}: {type(exc).__name__}: {first.rstrip('.')}. Fix: {fix}"
+        f"in {_where(model, name, module, float_model)}{line}: {type(exc).__name__}: {first.rstrip('.')}. Fix: {fix}"
     )
