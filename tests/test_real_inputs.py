@@ -111,13 +111,15 @@ class KeywordNet(nn.Module):
         return {"hidden": h, "logits": self.head(h.mean(1))}
 
 
-class LstmLM(nn.Module):
-    def __init__(self, vocab=40):
+class RnnLM(nn.Module):
+    """Embedding -> LSTM or GRU (returning (output, state)) -> vocabulary logits (batch, seq, vocab)."""
+
+    def __init__(self, rnn=nn.LSTM, vocab=40):
         super().__init__()
-        self.embed, self.lstm, self.head = nn.Embedding(vocab, 16), nn.LSTM(16, 24, batch_first=True), nn.Linear(24, vocab)
+        self.embed, self.rnn, self.head = nn.Embedding(vocab, 16), rnn(16, 24, batch_first=True), nn.Linear(24, vocab)
 
     def forward(self, ids):
-        out, _ = self.lstm(self.embed(ids))
+        out, _ = self.rnn(self.embed(ids))
         return self.head(out)
 
 
@@ -216,14 +218,19 @@ def test_token_ids_into_embedding(flow):
     assert_unchanged(model, before)
 
 
-def test_lstm_language_model_dynamic():
+@pytest.mark.parametrize("flow", ["fx", "dynamic", "torchao"])
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_rnn_language_models(flow, rnn):
     torch.manual_seed(0)
-    model = LstmLM().eval()
+    model = RnnLM(rnn).eval()
+    before = model_snapshot(model)
     batches = _ids(2, 40, (3, 7))
-    s = qviz.Session(model, batches, eval_data=batches, flow="dynamic", progress=False).run()
+    s = qviz.Session(model, batches, eval_data=batches, flow=flow, progress=False).run()
     table = s.to_dataframe()
-    assert {"lstm", "head"} <= set(table.index[table.quantized.astype(bool)])
+    if flow == "dynamic" and rnn is nn.LSTM:
+        assert table.loc["rnn", "quantized"]
     _assert_rows_match_own(s, batches)
+    assert_unchanged(model, before)
     out = [(_call(s.float_model(), b), _call(s.quantized_model(), b)) for b in batches]
     agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in out) / sum(x[..., 0].numel() for x, _ in out)
     assert s.summary()["top1_agreement"] == pytest.approx(agree)  # (batch, seq, vocab): over the last dim
@@ -236,8 +243,10 @@ def test_keyword_batches_and_dict_output_fx_with_sweep():
     before = model_snapshot(model)
     # a float mask: torch's FX mapping observes an int mask (see the error test below)
     batches = [dict(b, attention_mask=b["attention_mask"].float()) for b in _dict_batches(2, 50)]
-    s = qviz.Session(model, batches, eval_data=batches, flow="fx", progress=False).run()
+    s = qviz.Session(model, batches, eval_data=batches, flow="fx", progress=False, example_inputs=batches[0],
+                     latency=True).run()
     assert all(b["input_ids"].dtype == torch.int64 for b in batches)
+    assert s.summary()["latency_ms"] > 0 and s.summary()["float_latency_ms"] > 0
     _assert_rows_match_own(s, batches)
     logits = [(_call(s.float_model(), b)["logits"], _call(s.quantized_model(), b)["logits"]) for b in batches]
     _assert_close_db(s.summary()["output_sqnr"], _db(torch.cat([x for x, _ in logits]), torch.cat([y for _, y in logits])))
