@@ -401,3 +401,19 @@ def test_integer_tensor_meeting_an_observer_is_a_model_error():
         qviz.Session(MaskMul(), _dict_batches(1, 50), flow="fx", progress=False).run()
     assert "inserted by the flow, fed by `attention_mask`" in str(info.value)
     assert "integer (Long) tensor" in str(info.value)
+
+
+def test_quantized_layer_fed_a_float_tensor_names_the_layer():
+    class NoStubBeforeHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.dequant(self.conv(self.quant(x))))  # head quantized, fed float
+
+    with pytest.raises(qviz.ModelError, match=r"quantized model failed on eval_data\[0\]") as info:
+        batches = [torch.randn(2, 3, 8, 8)]
+        qviz.Session(NoStubBeforeHead(), batches, eval_data=batches, flow="eager", progress=False).run()
+    assert "in 'head' (Conv2d)" in str(info.value) and "QuantStub before" in str(info.value)

@@ -27,7 +27,7 @@ _KNOWN = (
      "torch.ao.nn.quantized.FloatFunctional for it (`self.add = FloatFunctional()`, then "
      "`out = self.add.add(out, identity)`), leave that block float (qconfig None, with "
      "DeQuantStub/QuantStub around it), or use flow='fx', which quantizes such ops itself"),
-    (re.compile(r"Could not run '(quantized::\w+)' with arguments from the '(CPU|CUDA)' backend"),
+    (re.compile(r"Could not run '(quantized::[\w.]+)' with arguments from the '(CPU|CUDA)' backend"),
      "{0} is a quantized op that was given a float tensor: in eager mode put a QuantStub before the "
      "quantized part and a DeQuantStub after it (or wrap the model in "
      "torch.ao.quantization.QuantWrapper), or use flow='fx'"),
@@ -47,15 +47,14 @@ def _frames(exc: BaseException):
 
 def _innermost(model: nn.Module, exc: BaseException) -> tuple[str, nn.Module, str]:
     """(name, module) of the innermost module of ``model`` running when ``exc`` was raised, and
-    the last line outside torch inside it ('' when none)."""
+    the last line outside torch in a module's code ('' when none): the user's line."""
     names = {id(m): n for n, m in model.named_modules()}
     name, module, line = "", model, ""
     for frame, lineno in _frames(exc):
         code = frame.f_code
         owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None  # self
         if isinstance(owner, nn.Module) and id(owner) in names:
-            if owner is not module:
-                name, module, line = names[id(owner)], owner, ""
+            name, module = names[id(owner)], owner
             if _TORCH_DIR not in code.co_filename:
                 text = linecache.getline(code.co_filename, lineno).strip()
                 line = f" at {code.co_filename}:{lineno} in {code.co_name}()" + (f": `{text}`" if text else "")
