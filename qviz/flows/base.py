@@ -64,7 +64,9 @@ class Flow(Protocol):
     backend: str
     needs_calibration: bool
 
-    def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module: ...
+    def prepare(self, model: nn.Module, example_inputs: Any) -> nn.Module:
+        """``example_inputs`` is a batch (see :func:`split_batch`): a mapping where the user's
+        batches are keyword inputs (:func:`positional` for APIs that take a tuple)."""
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]: ...
 
