@@ -28,8 +28,9 @@ from qviz.analysis.sensitivity import VARIANTS, Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
-from qviz.flows.base import as_args
+from qviz.flows.base import call_model, positional, split_batch
 from qviz.flows.eager import detect_fusion_groups
+from qviz.flows.failure import model_failure
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
@@ -46,45 +47,73 @@ from qviz.whatif import (
 )
 
 
-def _batches(data, what: str) -> list[tuple]:
-    """Materialise an iterable of batches as tuples of positional inputs; refuse empty data."""
+def _batches(data, what: str) -> list:
+    """Materialise an iterable of batches (tensors, tuples of positional inputs or mappings of
+    keyword inputs, see :func:`qviz.flows.base.split_batch`); refuse empty data."""
     if isinstance(data, torch.Tensor):
         raise InputDataError(
             f"{what} must be an iterable of batches, not one tensor: pass [tensor] for a single "
             "batch, or a DataLoader"
         )
     try:
-        batches = [as_args(b) for b in data]
+        batches = iter(data)
     except TypeError as exc:
         raise InputDataError(f"{what} must be an iterable of batches (a list or DataLoader): {exc}") from exc
-    if not batches:
-        raise InputDataError(f"{what} is empty: give at least one batch (a tensor or a tuple of inputs)")
-    for i, args in enumerate(batches):
-        if not any(isinstance(a, torch.Tensor) for a in args):
+    found = []
+    try:
+        for batch in batches:
+            found.append(batch)
+    except Exception as exc:  # noqa: BLE001 - the user's own iterable raised: say so, as it is
+        raise InputDataError(
+            f"iterating {what} raised {type(exc).__name__} while producing {what}[{len(found)}]: {exc} "
+            "(the error comes from your data iterable or DataLoader; see the traceback above)"
+        ) from exc
+    if not found:
+        raise InputDataError(f"{what} is empty: give at least one batch (a tensor, a tuple or a dict of inputs)")
+    for i, batch in enumerate(found):
+        args, kwargs = split_batch(batch)
+        if not any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
             raise InputDataError(
-                f"{what}[{i}] holds no tensor ({type(args[0]).__name__}): each batch is a tensor "
-                "or a tuple of the model's positional inputs; drop labels with a generator"
+                f"{what}[{i}] holds no tensor ({type(batch).__name__}): each batch is a tensor, a tuple "
+                "of the model's positional inputs or a dict of its keyword inputs; drop labels with a generator"
             )
-    return batches
+    return found
 
 
-def _shapes(args: tuple) -> str:
-    return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+def _shapes(batch) -> str:
+    args, kwargs = split_batch(batch)
+    shape = lambda a: str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__  # noqa: E731
+    return ", ".join([*map(shape, args), *(f"{k}={shape(v)}" for k, v in kwargs.items())])
 
 
-def run_batch(model: nn.Module, args: tuple, what: str, index: int, first: tuple):
-    """model(*args), with a failure reported as bad data (shapes of this and the first batch)."""
+def _float_model_runs(float_model: nn.Module, batch) -> bool:
+    """Whether the user's float model runs on ``batch`` (a copy in eval mode: BN stays as it is)."""
+    try:
+        with torch.no_grad(), TRACE_LOCK.running():
+            call_model(copy.deepcopy(float_model).eval(), batch)
+    except Exception:  # noqa: BLE001 - any failure means the batch does not fit the model
+        return False
+    return True
+
+
+def run_batch(model: nn.Module, batch, what: str, index: int, first, float_model: nn.Module | None = None,
+              kind: str = "quantized model"):
+    """The model on ``batch``, ``what[index]``. A failure is the data's (InputDataError, with the
+    shapes of this and the first batch) only when ``float_model`` fails on the batch too, else
+    the model's (ModelError naming the module that raised, see :mod:`qviz.flows.failure`)."""
     try:
         with TRACE_LOCK.running():
-            return model(*args)
+            return call_model(model, batch)
     except QvizError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a model failing on a batch is an input problem
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; each is explained below
+        if float_model is not None and _float_model_runs(float_model, batch):
+            raise model_failure(model, float_model, kind, f"{what}[{index}]", exc) from exc
         raise InputDataError(
-            f"the model failed on {what}[{index}] with inputs of shape {_shapes(args)} "
+            f"the model failed on {what}[{index}] with inputs of shape {_shapes(batch)} "
             f"(the first batch had {_shapes(first)}): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Check that every batch is what "
-            "model(*batch) accepts"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Check that every batch is what the model "
+            "accepts: model(*batch) for a tuple, model(**batch) for a dict"
         ) from exc
 
 
@@ -111,6 +140,7 @@ class Session:
         progress: bool = True,
         cache_bytes: int = 512 * 2**20,
         latency: bool = False,
+        output_fn=None,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -126,7 +156,11 @@ class Session:
         self._model = model
         self._calib = _batches(calib_data, "calib_data")
         self._eval = _batches(eval_data, "eval_data") if eval_data is not None else self._calib[:1]
-        self._example = as_args(example_inputs) if example_inputs is not None else self._calib[0]
+        self._eval_name = "eval_data" if eval_data is not None else "calib_data"  # for messages
+        self._example = example_inputs if example_inputs is not None else self._calib[0]
+        if output_fn is not None and not callable(output_fn):
+            raise ConfigError(f"output_fn must be a callable (model output -> tensor), not {type(output_fn).__name__}")
+        self.output_fn = output_fn
         if plan is not None and not isinstance(plan, Plan):
             raise ConfigError(f"plan must be a qviz.Plan (see Plan.from_json), not {type(plan).__name__}")
         if plan is not None and (qconfig is not None or qconfig_mapping is not None):
@@ -151,8 +185,9 @@ class Session:
             reference = self.flow.reference(observed, points)
             with probing(points) as records:
                 with torch.no_grad():
-                    for i, args in enumerate(progress_bar(self._calib, "calibrating", self.progress)):
-                        run_batch(observed, args, "calib_data", i, self._calib[0])
+                    for i, batch in enumerate(progress_bar(self._calib, "calibrating", self.progress)):
+                        run_batch(observed, batch, "calib_data", i, self._calib[0], self._model,
+                                  "model prepared for calibration")
             self._clip_percentiles(points, records)
             for p in points:
                 if p.role != "dynamic":
@@ -163,8 +198,11 @@ class Session:
             self._reference, self._quantized, self._records = reference, quantized, records
             self._layers, self._left_float = layers + left_float, left_float
             self._comparator = Comparator(
-                reference, self._layers, self._eval, cache_bytes=self.cache_bytes,
-                call=lambda model, args, i: run_batch(model, args, "eval_data", i, self._eval[0]),
+                reference, self._layers, self._eval, cache_bytes=self.cache_bytes, output_fn=self.output_fn,
+                call=lambda model, batch, i: run_batch(
+                    model, batch, self._eval_name, i, self._eval[0], self._model,
+                    "float reference (fused like the quantized model)" if model is self._reference
+                    else "quantized model"),
             )
             self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
@@ -368,7 +406,8 @@ class Session:
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
         """prepare_fx under ``target`` and convert_fx, every observer's qparams set from the
         statistics recorded at calibration (no pass over calibration data)."""
-        observed = prepare_fx(copy.deepcopy(self._model).eval(), plan_qconfig_mapping(target), self._example)
+        observed = prepare_fx(copy.deepcopy(self._model).eval(), plan_qconfig_mapping(target),
+                              positional(self._model, self._example))
         by_key = {(r.layer, r.role): r for r in self._records.values() if r.role in ("output", "input")}
         default = default_layer_config(self.backend)
         for p in self.flow.quant_points(observed):
@@ -504,7 +543,8 @@ class Session:
                       float_layers=list(table.index[~table["quantized"].astype(bool)]),
                       backend=self.backend, eval_fn=eval_fn, executor=executor,
                       progress=self.progress if progress is None else progress,
-                      cache_bytes=self.cache_bytes, callback=callback, variants=variants)
+                      cache_bytes=self.cache_bytes, callback=callback, variants=variants,
+                      output_fn=self.output_fn)
         results.sensitivity = found.to_dataframe()
         return found
 
@@ -595,6 +635,7 @@ class Session:
         session = cls.__new__(cls)
         session.flow, session.backend = None, results.meta.get("backend")
         session._model = session._calib = session._eval = session._example = None
+        session.output_fn, session._eval_name = None, "eval_data"
         session.plan, session.progress, session.results = None, False, results
         session._history = []
         return session

@@ -300,7 +300,6 @@ def test_advice_for_a_module_eager_does_not_convert():
     assert unsupported_op_advice(ValueError("shapes do not match")) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs helper data's run_batch ModelError, using EagerFlow.failure_advice")
 def test_session_names_the_op_and_the_fix():
     with pytest.raises(qviz.ModelError, match="(?s)aten::add.*block.*FloatFunctional"):
         qviz.Session(ResNetLike().eval(), CALIB, flow="eager", progress=False).run()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,23 +25,87 @@ from torch.ao.nn.intrinsic import _FusedModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
-from qviz.flows.base import as_args, is_quant_point
+from qviz.errors import ConfigError, ModelError
+from qviz.flows.base import call_model, is_quant_point
 from qviz.flows.tracing import TRACE_LOCK
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+_OUTPUT_KEYS = ("logits", "last_hidden_state")
 
 
-def _run(model: nn.Module, args: tuple, index: int):
-    """``model(*args)``, never beside a trace on another thread (see qviz.flows.tracing)."""
+def _run(model: nn.Module, batch, index: int):
+    """The model on one batch, never beside a trace on another thread (see qviz.flows.tracing)."""
     with TRACE_LOCK.running():
-        return model(*args)
+        return call_model(model, batch)
 
 
-def _first_tensor(value):
-    """The tensor a layer produced (LSTM: the output sequence, not the hidden state)."""
-    while isinstance(value, (tuple, list)):
-        value = value[0]
-    return value
+def _floating(value) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_quantized)
+
+
+def _first_floating(value):
+    """The first floating (or quantized) tensor in ``value``, depth first; None if it holds none."""
+    if _floating(value):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_floating(item)
+            if found is not None:
+                return found
+    return None
+
+
+def choose_output(value):
+    """The tensor compared for what a model or a layer returned (None if it holds none):
+
+    a tensor as it is; a mapping or ``ModelOutput``: ``logits``, else ``last_hidden_state``, else
+    its first floating tensor; a tuple or list: its first floating tensor, depth first (an LSTM:
+    the output sequence, not the hidden state). ``Session(..., output_fn=)`` overrides it for
+    the model's output.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        for key in _OUTPUT_KEYS:
+            if isinstance(value.get(key), torch.Tensor):
+                return value[key]
+    return _first_floating(value)
+
+
+def model_output(value, output_fn=None) -> torch.Tensor:
+    """The model's compared output as a float tensor: ``output_fn(value)`` or :func:`choose_output`."""
+    if output_fn is not None:
+        chosen = output_fn(value)
+        if not isinstance(chosen, torch.Tensor):
+            raise ConfigError(f"output_fn must return the tensor to compare, it returned {type(chosen).__name__}")
+    else:
+        chosen = choose_output(value)
+        if chosen is None:
+            raise ModelError(
+                f"the model returned {type(value).__name__} holding no floating tensor to compare: pass "
+                "Session(..., output_fn=lambda out: ...) returning the tensor to compare (e.g. the logits)"
+            )
+    return _float(chosen).detach()
+
+
+def _kept(value) -> torch.Tensor | None:
+    """A layer's compared output as float, copied where it is the layer's own tensor: an in-place
+    op downstream (``ReLU(inplace=True)``) would overwrite it before it is compared."""
+    chosen = choose_output(value)
+    if chosen is None:
+        return None
+    result = _float(chosen)
+    return (result.clone() if result is chosen else result).detach()
+
+
+def _dequantized(t):
+    """A layer input as its float op takes it: quantized tensors dequantized, all else untouched
+    (token ids stay integer)."""
+    if isinstance(t, torch.Tensor) and (t.is_quantized or is_torchao_weight(t)):
+        return t.dequantize()
+    return t
 
 
 def is_torchao_weight(t) -> bool:
@@ -188,39 +253,47 @@ class Comparator:
     """
 
     def __init__(self, reference: nn.Module, layers: list[str], batches: list, call=None,
-                 cache_bytes: int = 512 * 2**20):
+                 cache_bytes: int = 512 * 2**20, output_fn=None):
         self.reference, self.layers, self.batches = reference, list(layers), list(batches)
         self.call = call or _run
         self.cache_bytes = cache_bytes
+        self.output_fn = output_fn
         self.order: list[str] = []
-        self._cache: list[tuple[dict, torch.Tensor]] | None = None
+        self._cache: list[tuple[dict, torch.Tensor, bool]] | None = None
 
-    def _reference_outputs(self, i: int, args: tuple) -> tuple[dict, torch.Tensor]:
-        """(layer -> reference output, model output) for batch ``i``, from the cache if held."""
+    def _reference_outputs(self, i: int, batch) -> tuple[dict, torch.Tensor, bool]:
+        """(layer -> reference output, model output, whether it is class scores) for batch ``i``,
+        from the cache if held."""
         if self._cache is not None:
             return self._cache[i]
         outputs: dict[str, torch.Tensor] = {}
 
         def record(name):
             def hook(module, inputs, output):
-                outputs[name] = _float(_first_tensor(output)).detach()
+                kept = _kept(output)
+                if kept is not None:
+                    outputs[name] = kept
                 if name not in self.order:
                     self.order.append(name)
             return hook
 
         handles = _register(self.reference, self.layers, record)
         try:
-            final = _float(_first_tensor(self.call(self.reference, args, i)))
+            raw = self.call(self.reference, batch, i)
         finally:
             for h in handles:
                 h.remove()
-        return outputs, final
+        final = model_output(raw, self.output_fn)
+        # class scores: (batch, classes) or (batch, seq, vocab); of a mapping only its logits
+        scores = (final.dim() in (2, 3) and final.shape[-1] > 1
+                  and (self.output_fn is not None or not isinstance(raw, Mapping) or "logits" in raw))
+        return outputs, final, scores
 
     def _fill_cache(self) -> None:
         entries, size = [], 0
         with torch.no_grad():
             for i, batch in enumerate(self.batches):
-                entry = self._reference_outputs(i, as_args(batch))
+                entry = self._reference_outputs(i, batch)
                 size += sum(t.nbytes for t in entry[0].values()) + entry[1].nbytes
                 if size > self.cache_bytes:
                     return
@@ -244,29 +317,31 @@ class Comparator:
         def record_quantized(name):
             ref_module = self.reference.get_submodule(name)
 
-            def hook(module, args, output):
-                y = _float(_first_tensor(output))
+            def hook(module, args, kwargs, output):
+                y = choose_output(output)
+                if y is None:
+                    return
+                y = _float(y)  # compared at once, before any in-place op downstream
                 if name in ref_out:
                     out_acc[name].add(ref_out[name], y)
-                shadow = ref_module(*(_float(a) for a in args))
-                local_acc[name].add(_float(_first_tensor(shadow)), y)
+                shadow = ref_module(*map(_dequantized, args), **{k: _dequantized(v) for k, v in kwargs.items()})
+                local_acc[name].add(_float(choose_output(shadow)), y)
             return hook
 
         hook_names = hook_names or {}
-        handles = [quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(record_quantized(n))
-                   for n in measure]
+        handles = [quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(
+            record_quantized(n), with_kwargs=True) for n in measure]
         try:
             with torch.no_grad():
                 for i, batch in enumerate(self.batches):
-                    args = as_args(batch)
-                    outputs, x = self._reference_outputs(i, args)
+                    outputs, x, scores = self._reference_outputs(i, batch)
                     ref_out.clear()
                     ref_out.update(outputs)
-                    y = _float(_first_tensor(self.call(quantized, args, i)))
+                    y = model_output(self.call(quantized, batch, i), self.output_fn)
                     model_acc.add(x, y)
-                    if x.dim() == 2 and x.shape[1] > 1:
-                        agree += int((x.argmax(1) == y.argmax(1)).sum())
-                        total += x.shape[0]
+                    if scores:
+                        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
+                        total += x.numel() // x.shape[-1]
         finally:
             for h in handles:
                 h.remove()

@@ -13,16 +13,18 @@ import time
 import torch
 from torch import nn
 
+from qviz.flows.base import call_model
 from qviz.flows.tracing import TRACE_LOCK
 
 
-def median_latency_ms(model: nn.Module, args: tuple, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``model(*args)`` over ``repeats`` runs after ``warmup`` runs."""
+def median_latency_ms(model: nn.Module, batch, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of the model on ``batch`` (a tensor, tuple or mapping of inputs) over
+    ``repeats`` runs after ``warmup`` runs."""
     times = []
     with torch.no_grad(), TRACE_LOCK.running():
         for i in range(warmup + repeats):
             start = time.perf_counter()
-            model(*args)
+            call_model(model, batch)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)

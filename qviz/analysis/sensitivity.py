@@ -43,10 +43,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qviz.analysis.compare import _first_tensor, _float, quantized_weights
+from qviz.analysis.compare import _float, choose_output, model_output, quantized_weights
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.errors import ConfigError
 from qviz.flows import quantized_engine
+from qviz.flows.base import call_model, positional
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.torch_warnings import quiet_torch
 from qviz.whatif import FloatLayer, feeds_only_dequantize
@@ -88,10 +89,10 @@ class QuantizedOnly(nn.Module):
         super().__init__()
         self.layer, self.input_qparams = layer, input_qparams
 
-    def forward(self, x, *rest):
+    def forward(self, x, *rest, **kwargs):
         if self.input_qparams is not None:
             x = torch.quantize_per_tensor(x, *self.input_qparams)
-        out = self.layer(x, *rest)
+        out = self.layer(x, *rest, **kwargs)
         return out.dequantize() if isinstance(out, torch.Tensor) and out.is_quantized else out
 
 
@@ -102,8 +103,8 @@ class FakeQuantOutput(nn.Module):
         super().__init__()
         self.layer, self.qparams = layer, qparams
 
-    def forward(self, *args):
-        return torch.quantize_per_tensor(self.layer(*args), *self.qparams).dequantize()
+    def forward(self, *args, **kwargs):
+        return torch.quantize_per_tensor(self.layer(*args, **kwargs), *self.qparams).dequantize()
 
 
 def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> nn.Module | None:
@@ -166,11 +167,11 @@ class _Values(torch.fx.Interpreter):
         module = self.swaps.get(target)
         return super().call_module(target, args, kwargs) if module is None else module(*args, **kwargs)
 
-    def values(self, args: tuple, swaps: dict) -> dict:
-        """Every node's value on ``args`` with ``swaps`` in place."""
+    def values(self, batch, swaps: dict) -> dict:
+        """Every node's value on ``batch`` with ``swaps`` in place."""
         self.swaps = swaps
         try:
-            self.run(*args)
+            self.run(*positional(self.module, batch))
             return self.env
         finally:
             self.swaps, self.env = {}, {}
@@ -226,8 +227,8 @@ class _swapped:
 class _Runner:
     """One model's outputs on the evaluation batches with modules swapped in by name."""
 
-    def __init__(self, model: nn.Module, batches: list, budget: int):
-        self.model, self.batches, self.budget = model, batches, budget
+    def __init__(self, model: nn.Module, batches: list, budget: int, output_fn=None):
+        self.model, self.batches, self.budget, self.output_fn = model, batches, budget, output_fn
         graph = isinstance(model, torch.fx.GraphModule) and not any(_mutates(n, model) for n in model.graph.nodes)
         self.values = _Values(model) if graph else None
         self.envs: dict[int, dict] = {}  # batch -> node values of the plain run, while they fit
@@ -238,11 +239,11 @@ class _Runner:
         if self.values is not None and all(t in self.values.calls for t in swaps):
             env = self._env(i)
             if env is not None:
-                return _final(self.values.rerun(env, swaps)) if swaps else self.plain[i]
+                return model_output(self.values.rerun(env, swaps), self.output_fn) if swaps else self.plain[i]
         if not swaps and i in self.plain:
             return self.plain[i]
         with _swapped(self.model, swaps):
-            out = _final(self.model(*self.batches[i]))
+            out = model_output(call_model(self.model, self.batches[i]), self.output_fn)
         if not swaps:
             self.plain[i] = out
         return out
@@ -252,16 +253,12 @@ class _Runner:
         if i in self.plain:
             return self.envs.get(i)
         env = self.values.values(self.batches[i], {})
-        self.plain[i] = _final(self.values.graph.process_outputs(env[self.values.output_node]))
+        self.plain[i] = model_output(self.values.graph.process_outputs(env[self.values.output_node]), self.output_fn)
         size = _nbytes(env.values())
         if self.kept + size > self.budget:
             return None
         self.envs[i], self.kept = env, self.kept + size
         return env
-
-
-def _final(value) -> torch.Tensor:
-    return _float(_first_tensor(value)).detach()
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -276,7 +273,7 @@ class _Spec:
 
 
 def _qparams(value) -> tuple | None:
-    t = _first_tensor(value)
+    t = choose_output(value)
     if isinstance(t, torch.Tensor) and t.is_quantized and t.qscheme() in (torch.per_tensor_affine,
                                                                          torch.per_tensor_symmetric):
         return float(t.q_scale()), int(t.q_zero_point()), t.dtype
@@ -295,10 +292,10 @@ def _specs(quantized: nn.Module, layers: list[str], batches: list) -> dict[str, 
     handles = [quantized.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
     try:
         with TRACE_LOCK.running():
-            for args in batches:
+            for batch in batches:
                 if len(seen) == len(layers):
                     break
-                quantized(*args)
+                call_model(quantized, batch)
     finally:
         for h in handles:
             h.remove()
@@ -313,9 +310,10 @@ def _specs(quantized: nn.Module, layers: list[str], batches: list) -> dict[str, 
 class _Sweep:
     """The per-layer work: picklable (models travel sanitized, see :func:`_dumps`)."""
 
-    def __init__(self, reference, quantized, batches, specs, eval_fn, backend, cache_bytes):
+    def __init__(self, reference, quantized, batches, specs, eval_fn, backend, cache_bytes, output_fn=None):
         self.reference, self.quantized, self.batches = reference, quantized, batches
         self.specs, self.eval_fn, self.backend, self.cache_bytes = specs, eval_fn, backend, cache_bytes
+        self.output_fn = output_fn
         self.private = False  # True once this copy's models belong to it alone
         self._payload: bytes | None = None
         self._runners: dict[str, _Runner] = {}
@@ -323,7 +321,7 @@ class _Sweep:
     def __reduce__(self):
         if self._payload is None:
             state = (self.reference, self.quantized, self.batches, self.specs, self.eval_fn,
-                     self.backend, self.cache_bytes)
+                     self.backend, self.cache_bytes, self.output_fn)
             self._payload = _dumps(state)
         return _unpack, (self._payload,)
 
@@ -334,7 +332,7 @@ class _Sweep:
 
     def runner(self, which: str) -> _Runner:
         if which not in self._runners:
-            self._runners[which] = _Runner(getattr(self, which), self.batches, self.cache_bytes // 2)
+            self._runners[which] = _Runner(getattr(self, which), self.batches, self.cache_bytes // 2, self.output_fn)
         return self._runners[which]
 
     def metric(self, which: str, swaps: dict) -> float:
@@ -416,7 +414,7 @@ def _dumps(state) -> bytes:
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise ConfigError(
             f"executor= sends the sweep to other workers, and part of it does not pickle ({exc}): "
-            "define eval_fn at module level (not a lambda or local function), or drop executor="
+            "define eval_fn and output_fn at module level (not a lambda or local function), or drop executor="
         ) from exc
     return buffer.getvalue()
 
@@ -445,12 +443,14 @@ def _check_variants(variants) -> tuple[str, ...]:
 def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: list[str], *,
           float_layers=(), backend: str = "x86", eval_fn: Callable | None = None, executor=None,
           progress: bool = True, cache_bytes: int = 512 * 2**20,
-          callback: Callable[[int, int], None] | None = None, variants=VARIANTS) -> Sensitivity:
+          callback: Callable[[int, int], None] | None = None, variants=VARIANTS,
+          output_fn: Callable | None = None) -> Sensitivity:
     """Measure every layer of ``layers`` (module names shared by ``reference`` and ``quantized``);
     ``float_layers`` are float in ``quantized`` already and need no work. ``callback(done, total)``
     is called after each measured layer (e.g. a dashboard's progress bar). ``variants`` limits the
-    figures measured (the others are NaN; "quantize_only", which ranks, is required). See the
-    module doc."""
+    figures measured (the others are NaN; "quantize_only", which ranks, is required);
+    ``output_fn`` picks the compared output (see :func:`qviz.analysis.compare.model_output`). See
+    the module doc."""
     metric = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
     _check_executor(executor)
     variants = _check_variants(variants)
@@ -458,7 +458,7 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
     work = [n for n in layers if n not in float_layers]
     with quiet_torch(), quantized_engine(backend), torch.no_grad():
         job = _Sweep(reference, quantized, batches, _specs(quantized, work, batches), eval_fn,
-                     backend, cache_bytes)
+                     backend, cache_bytes, output_fn)
         float_metric = math.inf if eval_fn is None else job.metric("reference", {})
         quantized_metric = job.metric("quantized", {}) if len(work) < len(layers) else math.nan
     rows = {n: {v: (quantized_metric if v == "skip_only" else float_metric) if v in variants else math.nan

@@ -46,7 +46,7 @@ from torch import nn
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.capture.histogram import StreamingHistogram
 from qviz.errors import ConfigError, QvizError
-from qviz.flows.base import BACKENDS, QuantPoint, is_fake_quant
+from qviz.flows.base import BACKENDS, QuantPoint, call_model, is_fake_quant, positional
 from qviz.flows.eager import EagerFlow
 from qviz.flows.fx import FxFlow, is_fx_prepared
 from qviz.flows.torchao_flow import fake_quantizer_range, is_torchao_fake_quantizer
@@ -708,8 +708,8 @@ class _NodeOutputs(torch.fx.Interpreter):
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n.op == "call_module" and n.target in self.wanted:
-            self.outputs[self.wanted[n.target]] = result
+        if n.op == "call_module" and n.target in self.wanted:  # a copy, as in fake_quant_vs_int8
+            self.outputs[self.wanted[n.target]] = result.clone()
         return result
 
 
@@ -723,8 +723,8 @@ def fake_quant_vs_int8(fq_model: nn.Module, quantized: nn.Module, points, layers
     handles = []
 
     def keep(store, name):
-        def hook(module, args, output):
-            store[name] = output.dequantize() if output.is_quantized else output
+        def hook(module, args, output):  # a copy: in-place activations downstream overwrite outputs
+            store[name] = output.dequantize() if output.is_quantized else output.clone()
 
         return hook
 
@@ -736,14 +736,14 @@ def fake_quant_vs_int8(fq_model: nn.Module, quantized: nn.Module, points, layers
             for point, name in wanted.items():
                 handles.append(fq_model.get_submodule(point).register_forward_hook(keep(fq_out, name)))
         with torch.no_grad():
-            for args in batches:
+            for batch in batches:
                 if is_fx_prepared(fq_model):
                     run = _NodeOutputs(fq_model, wanted)
-                    run.run(*args)
+                    run.run(*positional(fq_model, batch))
                     fq_out.update(run.outputs)
                 else:
-                    fq_model(*args)
-                quantized(*args)
+                    call_model(fq_model, batch)
+                call_model(quantized, batch)
                 for name in fq_out.keys() & int8_out.keys():
                     accs[name].add(fq_out[name], int8_out[name])
                 fq_out.clear()

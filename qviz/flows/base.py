@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,7 +64,9 @@ class Flow(Protocol):
     backend: str
     needs_calibration: bool
 
-    def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module: ...
+    def prepare(self, model: nn.Module, example_inputs: Any) -> nn.Module:
+        """``example_inputs`` is a batch (see :func:`split_batch`): a mapping where the user's
+        batches are keyword inputs (:func:`positional` for APIs that take a tuple)."""
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]: ...
 
@@ -124,6 +128,41 @@ def role_of_attribute(attr: str) -> str | None:
     return None
 
 
-def as_args(batch: Any) -> tuple:
-    """A batch is a tensor or a tuple/list of positional inputs."""
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def split_batch(batch: Any) -> tuple[tuple, dict]:
+    """A batch as (positional inputs, keyword inputs): a tensor is the one positional input, a
+    tuple or list holds positional inputs, a mapping (a dict, a Hugging Face ``BatchEncoding``)
+    holds keyword inputs, as ``model(**batch)`` takes them. Tensors are passed as they are."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def call_model(model: nn.Module, batch: Any):
+    """``model(*args, **kwargs)`` of one batch (see :func:`split_batch`)."""
+    args, kwargs = split_batch(batch)
+    return model(*args, **kwargs)
+
+
+def positional(model: nn.Module, batch: Any) -> tuple:
+    """The batch as positional inputs of ``model.forward`` in signature order, defaults filled in:
+    for APIs that take positional inputs only (``prepare_fx``'s example inputs, an FX
+    ``Interpreter``). TypeError where the batch does not fit the signature."""
+    args, kwargs = split_batch(batch)
+    if not kwargs:
+        return args
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    inputs = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            inputs.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD and value:
+            raise TypeError(f"{type(model).__name__}.forward takes {', '.join(value)} as **kwargs: "
+                            "they have no position")
+        elif kind is not inspect.Parameter.VAR_KEYWORD:
+            inputs.append(value)
+    return tuple(inputs)

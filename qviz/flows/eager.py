@@ -173,10 +173,6 @@ class EagerFlow:
     def convert(self, observed: nn.Module) -> nn.Module:
         return tq.convert(copy.deepcopy(observed).eval(), inplace=False)
 
-    def failure_advice(self, exc: BaseException, module: str | None = None) -> str | None:
-        """:func:`unsupported_op_advice` on this flow's backend (for a failed quantized run)."""
-        return unsupported_op_advice(exc, module, self.backend)
-
 
 def is_quant_point_child(model: nn.Module, name: str) -> bool:
     """The observer inside a fake-quant is part of that fake-quant, not a point of its own."""

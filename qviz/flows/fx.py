@@ -24,6 +24,7 @@ from qviz.flows.base import (
     is_quant_point,
     neutral_reference,
     parent_layer,
+    positional,
     role_of_attribute,
 )
 from qviz.flows.eager import is_quant_point_child
@@ -63,7 +64,7 @@ class FxFlow:
         mapping = self.qconfig_mapping or get_default_qconfig_mapping(self.backend)
         observed = copy.deepcopy(model).eval()
         try:
-            return prepare_fx(observed, mapping, example_inputs)
+            return prepare_fx(observed, mapping, positional(model, example_inputs))
         except LookupError as exc:
             raise ConfigError(
                 f"prepare_fx refused the QConfigMapping: {exc}. Modules fused together "

@@ -36,7 +36,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend, is_quant_point, neutral_reference
+from qviz.flows.base import (
+    QuantPoint,
+    call_model,
+    check_backend,
+    is_quant_point,
+    neutral_reference,
+    split_batch,
+)
 from qviz.flows.torchao_flow import quiet_torchao
 from qviz.flows.tracing import one_trace_at_a_time
 from qviz.plan import LayerConfig, Plan
@@ -125,7 +132,7 @@ def pt2e_code(plan: Plan) -> str:
     ])
 
 
-def _dynamic_batch(model: nn.Module, args: tuple):
+def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict):
     """``dynamic_shapes`` with dim 0 of every tensor input dynamic, keyed by the parameter names of
     ``model.forward`` (torch.export matches the signature: a ``*args`` parameter takes a tuple)."""
 
@@ -134,12 +141,15 @@ def _dynamic_batch(model: nn.Module, args: tuple):
 
     try:
         signature = inspect.signature(model.forward)
-        bound = signature.bind(*args).arguments
+        bound = signature.bind(*args, **kwargs).arguments
     except (TypeError, ValueError):  # no Python signature, or one that takes no positional inputs
+        if kwargs:
+            raise
         return tuple(spec(a) for a in args)
+    kinds = {name: signature.parameters[name].kind for name in bound}
     return {
-        name: tuple(spec(a) for a in value)
-        if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+        name: tuple(spec(a) for a in value) if kinds[name] is inspect.Parameter.VAR_POSITIONAL
+        else {k: spec(v) for k, v in value.items()} if kinds[name] is inspect.Parameter.VAR_KEYWORD
         else spec(value)
         for name, value in bound.items()
     }
@@ -164,19 +174,22 @@ def _check_names(model: nn.Module) -> None:
 
 
 @one_trace_at_a_time
-def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
+def export_model(model: nn.Module, example) -> torch.fx.GraphModule:
     """``torch.export`` of a deep copy with dim 0 of every tensor input dynamic; the unlifted module,
     dead code removed (an unused output such as BertModel's pooler would leave torchao's
-    X86InductorQuantizer a fusion pattern without output and an IndexError)."""
+    X86InductorQuantizer a fusion pattern without output and an IndexError). ``example`` is a
+    batch (tensor, tuple, or mapping of keyword inputs)."""
     _check_names(model)
-    args = tuple(
-        torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
-        for a in example
-    )  # a batch of 1 would be specialised
+    args, kwargs = split_batch(example)
+
+    def double(a):  # a batch of 1 would be specialised
+        return torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
+
+    args, kwargs = tuple(map(double, args)), {k: double(v) for k, v in kwargs.items()}
     try:
         with quiet_torchao():
             exported = torch.export.export(
-                copy.deepcopy(model).eval(), args, dynamic_shapes=_dynamic_batch(model, args)
+                copy.deepcopy(model).eval(), args, kwargs=kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
             ).module()
     except Exception as exc:  # noqa: BLE001 - export fails with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -723,8 +736,8 @@ class Pt2eFlow:
                     "build it from scratch with Session(model, data, flow='pt2e', plan=plan).run()"
                 )
             with torch.no_grad():
-                for args in calib:
-                    observed(*args)
+                for batch in calib:
+                    call_model(observed, batch)
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(observed)
         return _insert_taps(quantized, self.groups, reference=False, notes=notes)

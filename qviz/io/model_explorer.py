@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from qviz.errors import ConfigError, ModelError
+from qviz.flows.base import split_batch
 from qviz.io.atomic import atomic_write
 
 GRAPH_ID = "graph"  # the id Model Explorer's PyTorch adapter gives the exported graph
@@ -25,10 +26,11 @@ GRAPH_ID = "graph"  # the id Model Explorer's PyTorch adapter gives the exported
 GRADIENT = [{"stop": 0, "bgColor": "#d62728"}, {"stop": 0.5, "bgColor": "#ffdd57"}, {"stop": 1, "bgColor": "#2ca02c"}]
 
 
-def export_float(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of the float model, the program the node ids refer to."""
+def export_float(model: torch.nn.Module, batch) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of the float model on one batch: the program the node ids refer to."""
+    args, kwargs = split_batch(batch)
     try:
-        return torch.export.export(model, args, kwargs or {})
+        return torch.export.export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - export fails with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelError(
