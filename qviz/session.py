@@ -23,6 +23,8 @@ from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
 from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.latency import median_latency_ms
+from qviz.analysis.outliers import collect as collect_outliers
+from qviz.analysis.outliers import outlier_frame
 from qviz.analysis.search import search
 from qviz.analysis.sensitivity import VARIANTS, Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
@@ -611,6 +613,20 @@ class Session:
     def save(self, path) -> None:
         """Write everything the frame, summary and histograms need to ``path`` (atomically)."""
         self._results().save(path)
+
+    def outliers(self, top: int = 8) -> pd.DataFrame:
+        """The activation outliers of every linear layer's input over the calibration batches:
+        one row per (layer, channel) among each layer's ``top`` channels by abs-max, most extreme
+        (``ratio_to_median``) first, with ``persistence``, ``kurtosis`` and ``kind`` (systematic,
+        frequent or spike; see :mod:`qviz.analysis.outliers`). One float pass, computed once."""
+        if self._model is None:
+            raise QvizError("a session loaded from a file holds no model: re-create it from the model to "
+                            "measure activation outliers")
+        if getattr(self, "_outlier_stats", None) is None:
+            with quiet_torch():
+                self._outlier_stats = collect_outliers(
+                    self._model, self._calib, lambda model, batch: run_batch(model, batch, "calib_data", 0, batch))
+        return outlier_frame(self._outlier_stats, top)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see

@@ -62,3 +62,34 @@ def test_non_float_inputs_are_ignored():
     stats = ChannelStats()
     stats.update(torch.arange(10))
     assert not stats.saw_data and outlier_frame({"x": stats}, 3).empty
+
+
+def test_session_outliers_find_a_channel_planted_in_a_transformer():
+    pytest.importorskip("transformers")
+    import qviz
+    from tests.helpers import assert_unchanged, model_snapshot
+    from tests.real_models import llama
+
+    model, calib, evals = llama()
+    with torch.no_grad():  # the input of every q/k/v projection of layer 0: channel 7 x 40
+        model.model.layers[0].input_layernorm.weight[7] = 40.0
+    before = model_snapshot(model)
+    s = qviz.Session(model, calib, eval_data=evals, flow="dynamic", progress=False).run()
+    frame = s.outliers(top=3)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        rows = frame[frame.layer == f"model.layers.0.self_attn.{proj}"]
+        assert rows.iloc[0].channel == 7 and rows.iloc[0].kind == "systematic"
+    assert frame.iloc[0].channel == 7 and frame.iloc[0].ratio_to_median > 10
+    # our own numbers: the abs-max of that input, recorded with a plain hook over the same batches
+    seen = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().abs().amax((0, 1))))
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    handle.remove()
+    mine = torch.stack(seen).amax(0)
+    row = frame[(frame.layer == "model.layers.0.self_attn.q_proj") & (frame.channel == 7)].iloc[0]
+    assert row.absmax == pytest.approx(float(mine[7]), rel=1e-6)
+    assert row.ratio_to_median == pytest.approx(float(mine[7]) / float(np.median(mine.double().numpy())), rel=1e-6)
+    assert_unchanged(model, before)

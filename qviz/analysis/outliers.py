@@ -16,11 +16,13 @@ the features (last) dimension, :class:`ChannelStats` keeps in one streaming pass
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 SPIKE_FACTOR = 6.0  # a value counts towards persistence above this many times its token's median |x|
 COLUMNS = ["layer", "channel", "absmax", "ratio_to_median", "persistence", "kurtosis", "kind"]
@@ -103,3 +105,45 @@ def channel_heatmap(stats: dict[str, ChannelStats]) -> tuple[list[str], np.ndarr
         ratio = stats[n].frame(n)["ratio_to_median"].to_numpy(dtype=float)
         matrix[i, : ratio.size] = ratio
     return layers, matrix
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the modules whose input's last dim is their features: nn.Linear and Hugging
+    Face's Conv1D (GPT-2's linears, weight stored transposed)."""
+    return [n for n, m in model.named_modules()
+            if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """``model`` in eval mode for the block; every module's own flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@torch.no_grad()
+def collect(model: nn.Module, batches, run, layers: list[str] | None = None) -> dict[str, ChannelStats]:
+    """Channel statistics of each layer's input over ``batches`` (``run(model, batch)`` runs one),
+    with hooks that are always removed and the model in eval mode meanwhile (dropout off)."""
+    layers = linear_layers(model) if layers is None else layers
+    stats = {n: ChannelStats() for n in layers}
+
+    def hook(name):
+        return lambda module, args: stats[name].update(args[0]) if args else None
+
+    handles = []
+    try:
+        for name in layers:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        with _evaluating(model):
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

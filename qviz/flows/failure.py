@@ -22,6 +22,11 @@ _TORCH_DIR = f"{os.sep}torch{os.sep}"
 
 # (pattern of torch's message, what it means and what to do)
 _KNOWN = (
+    (re.compile(r"(\w+) not supported on quantized tensors"),
+     "{0} is not implemented for quantized tensors (eager mode runs forward() as written: a "
+     "chunk/split view or tensor arithmetic on a quantized tensor reaches it): use "
+     "torch.ao.nn.quantized.FloatFunctional for the arithmetic, leave that block float (DeQuantStub "
+     "before it, QuantStub after it), or use flow='fx', which handles such ops itself"),
     (re.compile(r"Could not run '(quantized::[\w.]+)' with arguments from the '(CPU|CUDA)' backend"),
      "{0} is a quantized op that was given a float tensor: in eager mode put a QuantStub before the "
      "quantized part and a DeQuantStub after it (or wrap the model in "

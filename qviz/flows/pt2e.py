@@ -186,10 +186,13 @@ def export_model(model: nn.Module, example) -> torch.fx.GraphModule:
         return torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a
 
     args, kwargs = tuple(map(double, args)), {k: double(v) for k, v in kwargs.items()}
+    copied = copy.deepcopy(model).eval()
+    if getattr(getattr(copied, "config", None), "use_cache", False):
+        copied.config.use_cache = False  # a Hugging Face KV cache (DynamicCache) is not exportable
     try:
         with quiet_torchao():
             exported = torch.export.export(
-                copy.deepcopy(model).eval(), args, kwargs=kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
+                copied, args, kwargs=kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
             ).module()
     except Exception as exc:  # noqa: BLE001 - export fails with many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
