@@ -9,6 +9,7 @@ records with numpy arrays), so a session saves to a file and loads without the m
 from __future__ import annotations
 
 import copy
+import operator
 import pathlib
 import warnings
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.ao.quantization.quantize_fx import prepare_fx
 
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
@@ -30,6 +31,7 @@ from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import as_args
 from qviz.flows.eager import detect_fusion_groups
+from qviz.flows.fx import FunctionalLayer
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
@@ -309,8 +311,9 @@ class Session:
         else:
             target.check(modules)
         # FX decides where quantize/dequantize go around float layers: let it convert again
-        structural = self.flow.name == "fx" and any(
-            (target[n].dtype == "float") != (self.plan[n].dtype == "float") for n in changed
+        structural = self.flow.name == "fx" and any(  # functional layers: FX re-converts them
+            (target[n].dtype == "float") != (self.plan[n].dtype == "float")
+            or isinstance(modules[n], FunctionalLayer) for n in changed
         )
         previous = {}
         if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
@@ -344,18 +347,33 @@ class Session:
 
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
-        """prepare_fx under ``target`` and convert_fx, every observer's qparams set from the
-        statistics recorded at calibration (no pass over calibration data)."""
-        observed = prepare_fx(copy.deepcopy(self._model).eval(), plan_qconfig_mapping(target), self._example)
-        by_key = {(r.layer, r.role): r for r in self._records.values() if r.role in ("output", "input")}
+        """prepare_fx under ``target`` and convert, qparams set without calibration data where
+        possible. Points are matched with calibration's by the node they observe (stable across
+        prepares of one model): such a point gets qparams from the statistics recorded there; a
+        point observing a constant (a functional layer's weight, a layer-scale parameter)
+        observes it now. Points new to this graph (a float neighbour makes FX quantize a chunk's
+        piece, say) are calibrated in one pass over calib_data, with a warning naming them."""
+        observed = prepare_fx(copy.deepcopy(self._model).eval(), self.flow.plan_mapping(target), self._example)
+        recorded = {}
+        for point, node in self._reference.meta.get("qviz_observed_nodes", {}).items():
+            record = self._records.get(point)
+            if record is not None and record.role in ("output", "input"):
+                recorded.setdefault(node, record)
+        points = {p.name: p for p in self.flow.quant_points(observed)}
         default = default_layer_config(self.backend)
-        for p in self.flow.quant_points(observed):
-            record = by_key.get((p.layer, p.role))
+        new = []
+        for node in observed.graph.nodes:
+            p = points.get(node.target) if node.op == "call_module" else None
+            if p is None:
+                continue
+            source = node.args[0]
+            if source.op == "get_attr":
+                p.module(operator.attrgetter(source.target)(observed))
+                continue
+            record = recorded.get(source.name)
             if record is None:
-                raise ConfigError(
-                    f"no statistics were recorded for {p.layer!r} ({p.role}) during calibration; "
-                    "build this plan from scratch with Session(model, data, plan=plan).run()"
-                )
+                new.append(p)
+                continue
             config = target.get(p.layer) if p.layer in target else default
             config = default if config.dtype == "float" else config
             run_config = self._run_plan.get(p.layer) if p.layer in self._run_plan else default
@@ -367,7 +385,17 @@ class Session:
             else:
                 scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
             fix_qparams(p.module, scale, zero_point)
-        return convert_fx(observed)
+        if new:
+            with torch.no_grad():
+                for i, args in enumerate(self._calib):
+                    run_batch(observed, args, "calib_data", i, self._calib[0])
+            warnings.warn(
+                f"under the new plan FX quantizes {len(new)} value(s) that calibration did not see "
+                f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): "
+                "qviz ran one pass over calib_data to calibrate them",
+                stacklevel=4,
+            )
+        return self.flow.convert(observed)
 
     def _output_record(self, layer: str) -> PointRecord | None:
         return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)

@@ -17,6 +17,7 @@ from torch.ao.quantization.quantization_mappings import get_default_static_quant
 
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
+from qviz.flows.fx import OP_OF_KIND
 from qviz.plan import LayerConfig, Plan, to_qconfig
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
@@ -107,12 +108,20 @@ def feeds_only_dequantize(quantized: nn.Module, layer: str) -> bool:
     return False
 
 
-def plan_qconfig_mapping(plan: Plan):
-    """The plan as an FX ``QConfigMapping`` in which fused groups share their key's qconfig."""
+def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
+    """The plan as an FX ``QConfigMapping`` in which fused groups share their key's qconfig.
+
+    ``functional`` (row name -> :class:`qviz.flows.fx.FunctionalOp`) addresses functional rows by
+    (owner module, op, index) rather than by module name, which would reach every op inside the
+    owner (its submodules' and neighbours' included)."""
     mapping = plan.qconfig_mapping()
     named = dict(mapping.module_name_qconfigs)
     for group in plan.groups:
         if group[0] in named:
             for member in group[1:]:
                 mapping.set_module_name(member, named[group[0]])
+    default = mapping.global_qconfig
+    for row, op in (functional or {}).items():
+        qconfig = mapping.module_name_qconfigs.pop(row, default)
+        mapping.set_module_name_object_type_order(op.owner, OP_OF_KIND[op.kind], op.index, qconfig)
     return mapping
