@@ -268,15 +268,16 @@ def observed_nodes(observed: nn.Module) -> dict[str, str]:
 
 
 def _code_line(node) -> str:
-    """'file.py:12: `return x * mask`' from the node's stack trace (the user's line), or ''."""
-    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").strip().splitlines()]
-    files = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
-    if not files:
+    """'model.py:12: `return x * mask`': the user's frame in the node's stack trace, or ''."""
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [(ln.strip().split('"'), lines[i + 1].strip() if i + 1 < len(lines) else "")
+              for i, ln in enumerate(lines) if ln.strip().startswith('File "')]
+    frames = [(head, code) for head, code in frames
+              if len(head) > 2 and not os.path.realpath(head[1]).startswith(_OWN_DIRS)]
+    if not frames:
         return ""
-    head = lines[files[-1]].split('"')
-    where = f"{os.path.basename(head[1])}:{head[2].split(',')[1].split()[-1]}" if len(head) > 2 else lines[files[-1]]
-    code = lines[files[-1] + 1] if files[-1] + 1 < len(lines) else ""
-    return f"{where}: `{code}`"
+    (_, path, rest, *_), code = frames[-1]
+    return f"{os.path.basename(path)}:{rest.split(',')[1].split()[-1]}: `{code}`"
 
 
 def _op_literal(gm: nn.Module, node) -> tuple[str, str]:
