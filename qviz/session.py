@@ -31,7 +31,7 @@ from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import as_args
 from qviz.flows.eager import detect_fusion_groups
-from qviz.flows.fx import FunctionalLayer
+from qviz.flows.fx import FunctionalLayer, observed_nodes
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
@@ -386,16 +386,29 @@ class Session:
                 scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
             fix_qparams(p.module, scale, zero_point)
         if new:
-            with torch.no_grad():
-                for i, args in enumerate(self._calib):
-                    run_batch(observed, args, "calib_data", i, self._calib[0])
-            warnings.warn(
-                f"under the new plan FX quantizes {len(new)} value(s) that calibration did not see "
-                f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): "
-                "qviz ran one pass over calib_data to calibrate them",
-                stacklevel=4,
-            )
+            self._calibrate_new_points(observed, new)
         return self.flow.convert(observed)
+
+    def _calibrate_new_points(self, observed, new: list) -> None:
+        """One pass over calib_data for points that calibration did not have; their records
+        join the session's (named '<point>@<observed node>'), so later re-conversions reuse them."""
+        observes = observed_nodes(observed)
+        with probing(new) as records, torch.no_grad():
+            for i, args in enumerate(self._calib):
+                run_batch(observed, args, "calib_data", i, self._calib[0])
+        known = self._reference.meta.setdefault("qviz_observed_nodes", {})
+        for p in new:
+            record = describe(records[p.name], p.module)
+            record.name = f"{p.name}@{observes[p.name]}"
+            self._records[record.name] = record
+            self._initial[record.name] = dict(record.arrays)
+            known[record.name] = observes[p.name]
+        warnings.warn(  # no "quantiz"/"observer" in the text: quiet_torch() would hide it
+            f"under the new plan, {len(new)} value(s) that calibration did not see need qparams "
+            f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): qviz "
+            "ran one pass over calib_data for them",
+            stacklevel=5,
+        )
 
     def _output_record(self, layer: str) -> PointRecord | None:
         return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)
