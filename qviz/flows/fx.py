@@ -146,7 +146,14 @@ def _chain(gm: nn.Module, node) -> list:
 
 
 class _Input:
-    """Marks where a :class:`FunctionalLayer` puts its input (and each step the previous result)."""
+    """Marks where a :class:`FunctionalLayer` puts its input (and each step the previous result);
+    one object, kept by copies and pickles (the layer finds it by identity)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_IN"
 
 
 _IN = _Input()
