@@ -368,10 +368,10 @@ class FxFlow:
             raise ModelError(
                 f"FX could not trace {type(model).__name__}{_user_frame(exc)}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                "Data-dependent control flow and non-tensor arguments stop symbolic tracing "
-                "(Hugging Face transformers are not traceable by prepare_fx): use flow='pt2e', "
-                "'torchao' or 'dynamic', which take such models, flow='eager' (with "
-                "QuantStub/DeQuantStub), or make that code traceable"
+                "Data-dependent control flow and non-tensor arguments stop symbolic tracing, "
+                "and Hugging Face transformers are not traceable by prepare_fx: use flow='eager' "
+                "(with QuantStub/DeQuantStub), or flow='pt2e', 'torchao' or 'dynamic', which "
+                "take such models, or make that code traceable"
             ) from exc
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
