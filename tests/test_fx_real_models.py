@@ -364,6 +364,7 @@ def test_torch_quantization_test_models(name):
 
 # -- graphs re-conversion must handle ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, shape, changes", [
     (ConvNeXt, (4, 3, 8, 8), ({"stages.0.0.fc2": {"dtype": "float"}}, {"stem": {"dtype": "float"}})),
     (Chunked, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"conv2": {"weight": "per_tensor"}})),
@@ -393,6 +394,7 @@ def test_patterns_run_apply_twice_and_undo(make, shape, changes):
     assert_unchanged(model, before)
 
 
+@pytest.mark.slow
 def test_points_new_at_reconversion_are_calibrated_and_said_so():
     """A first layer float from the start: making it int8 makes FX observe the model input and
     the conv's output, which calibration never saw."""
