@@ -9,7 +9,6 @@ records with numpy arrays), so a session saves to a file and loads without the m
 from __future__ import annotations
 
 import copy
-import operator
 import pathlib
 import warnings
 from collections.abc import Iterable
@@ -31,7 +30,7 @@ from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import as_args
 from qviz.flows.eager import detect_fusion_groups
-from qviz.flows.fx import FunctionalLayer, observed_nodes
+from qviz.flows.fx import FunctionalLayer, constant_value, observed_nodes
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
@@ -348,10 +347,10 @@ class Session:
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
         """prepare_fx under ``target`` and convert, qparams set without calibration data where
-        possible. Points are matched with calibration's by the node they observe (stable across
-        prepares of one model): such a point gets qparams from the statistics recorded there; a
-        point observing a constant (a functional layer's weight, a layer-scale parameter)
-        observes it now. Points new to this graph (a float neighbour makes FX quantize a chunk's
+        possible. A point observing a value computed from parameters alone (a functional layer's
+        weight, a layer-scale parameter) observes it now; the others are matched with
+        calibration's by the node they observe (stable across prepares of one model) and get
+        qparams from the statistics recorded there. Points new to this graph (a float neighbour makes FX quantize a chunk's
         piece, say) are calibrated in one pass over calib_data, with a warning naming them."""
         observed = prepare_fx(copy.deepcopy(self._model).eval(), self.flow.plan_mapping(target), self._example)
         recorded = {}
@@ -367,9 +366,11 @@ class Session:
             if p is None:
                 continue
             source = node.args[0]
-            if source.op == "get_attr":
-                p.module(operator.attrgetter(source.target)(observed))
+            try:  # a weight or other parameter-only value: observe it now
+                p.module(constant_value(observed, source))
                 continue
+            except LookupError:
+                pass
             record = recorded.get(source.name)
             if record is None:
                 new.append(p)

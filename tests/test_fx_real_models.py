@@ -131,6 +131,25 @@ class ReusedReLU(nn.Module):
         return self.fc(self.relu(self.conv2(y) + y).mean((2, 3)))
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardized in forward, then F.conv2d."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
 class Masked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -261,7 +280,7 @@ def _plain_output(model, calib, mapping):
 
 @pytest.mark.parametrize("changes, mapping_fix", [
     ({"head": {"dtype": "float"}},
-     lambda m: m.set_module_name_object_type_order("head", F.linear, 0, None)),
+     lambda m: m.set_module_name("head", None)),
     ({"block.linear#1": {"dtype": "float"}},
      lambda m: m.set_module_name_object_type_order("block", F.linear, 1, None)),
 ])
@@ -370,6 +389,7 @@ def test_torch_quantization_test_models(name):
     (Chunked, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"conv2": {"weight": "per_tensor"}})),
     (ReusedReLU, (4, 3, 8, 8), ({"conv2": {"dtype": "float"}}, {"fc": {"activation": "minmax"}})),
     (FunctionalHead, (16, 4), ({"head": {"dtype": "float"}}, {"block.linear#0": {"weight": "per_tensor"}})),
+    (StdConvNet, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"fc": {"dtype": "float"}})),
 ])
 def test_patterns_run_apply_twice_and_undo(make, shape, changes):
     torch.manual_seed(0)
@@ -386,7 +406,8 @@ def test_patterns_run_apply_twice_and_undo(make, shape, changes):
         assert session.summary()["output_sqnr"] == pytest.approx(_sqnr(model(calib[0]), out), abs=1e-6)
         layer, fields = next(iter(change.items()))
         if fields.get("dtype") == "float":
-            assert session.to_dataframe().loc[layer, "dtype"] == "float"
+            row = session.to_dataframe().loc[layer]
+            assert row["dtype"] == "float" and row["local_sqnr"] == math.inf
     session.undo()
     session.undo()
     cols = ["dtype", "weight_sqnr", "local_sqnr", "output_sqnr"]

@@ -104,8 +104,8 @@ def _source(gm: nn.Module, node):
 
 
 def functional_ops(observed: nn.Module) -> dict[str, FunctionalOp]:
-    """The weighted functional calls of a prepared graph whose weight is a parameter or buffer,
-    by node name, named as the module docstring says."""
+    """The weighted functional calls of a prepared graph whose weight comes from parameters or
+    buffers alone, by node name, named as the module docstring says."""
     scope = _scope(observed)
     calls = []
     counts: dict[tuple[str, object], int] = {}
@@ -114,9 +114,11 @@ def functional_ops(observed: nn.Module) -> dict[str, FunctionalOp]:
             owner = scope.get(node.name, ("", None))[0]
             index = counts.get((owner, node.target), 0)
             counts[(owner, node.target)] = index + 1
-            weight = _source(observed, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                calls.append((owner, WEIGHTED_OPS[node.target], index, node.name))
+            try:
+                constant_value(observed, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+            except LookupError:
+                continue  # a weight computed from the input: not a layer of parameters
+            calls.append((owner, WEIGHTED_OPS[node.target], index, node.name))
     per_owner = {}
     for owner, *_ in calls:
         per_owner[owner] = per_owner.get(owner, 0) + 1
@@ -204,16 +206,26 @@ class QuantizedFunctionalLayer(FunctionalLayer):
         return int(self.steps[0][2][3])
 
 
-def _value(gm: nn.Module, node):
-    """A graph argument that does not depend on the input, as the object it stands for."""
+def constant_value(gm: nn.Module, node):
+    """A graph argument that does not depend on the model's inputs (a parameter, or a weight
+    computed from parameters as timm's StdConv2d does), as the object it stands for; LookupError
+    for one that does."""
     if isinstance(node, (tuple, list)):
-        return type(node)(_value(gm, n) for n in node)
+        return type(node)(constant_value(gm, n) for n in node)
+    if isinstance(node, dict):
+        return {k: constant_value(gm, v) for k, v in node.items()}
     if not isinstance(node, torch.fx.Node):
         return node
     node = _source(gm, node)
-    if node.op != "get_attr":
+    if node.op == "get_attr":
+        return operator.attrgetter(node.target)(gm)
+    if node.op not in ("call_function", "call_method"):
         raise LookupError(node.name)
-    return operator.attrgetter(node.target)(gm)
+    args, kwargs = constant_value(gm, node.args), constant_value(gm, node.kwargs)
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
 
 
 def _install(gm: nn.Module, path: str, module: nn.Module) -> None:
@@ -249,10 +261,10 @@ def wrap_functional(gm: torch.fx.GraphModule, ops: dict[str, FunctionalOp]) -> t
             for i, step in enumerate(chain):
                 target = gm.get_submodule(step.target) if step.op == "call_module" else step.target
                 first = node.args[0] if i == 0 else chain[i - 1]
-                args = tuple(_IN if a is first else _value(gm, a) for a in step.args)
+                args = tuple(_IN if a is first else constant_value(gm, a) for a in step.args)
                 if _IN not in args:
                     raise LookupError(step.name)
-                steps.append((step.op, target, args, {k: _value(gm, v) for k, v in step.kwargs.items()}))
+                steps.append((step.op, target, args, {k: constant_value(gm, v) for k, v in step.kwargs.items()}))
         except LookupError:
             continue
         layer = QuantizedFunctionalLayer if quantized else FunctionalLayer
