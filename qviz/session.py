@@ -350,8 +350,9 @@ class Session:
         possible. A point observing a value computed from parameters alone (a functional layer's
         weight, a layer-scale parameter) observes it now; the others are matched with
         calibration's by the node they observe (stable across prepares of one model) and get
-        qparams from the statistics recorded there. Points new to this graph (a float neighbour makes FX quantize a chunk's
-        piece, say) are calibrated in one pass over calib_data, with a warning naming them."""
+        qparams from the statistics recorded there. Points new to this graph (a layer that was
+        float at calibration makes FX observe its input, say) are calibrated in one pass over
+        calib_data, with a warning naming them in the user's terms."""
         observed = prepare_fx(copy.deepcopy(self._model).eval(), self.flow.plan_mapping(target), self._example)
         recorded = {}
         for point, node in self._reference.meta.get("qviz_observed_nodes", {}).items():
@@ -366,11 +367,13 @@ class Session:
             if p is None:
                 continue
             source = node.args[0]
-            try:  # a weight or other parameter-only value: observe it now
-                p.module(constant_value(observed, source))
-                continue
+            try:
+                constant = constant_value(observed, source)
             except LookupError:
-                pass
+                constant = None  # data flows into it
+            if isinstance(constant, torch.Tensor):  # a weight or other parameter-only value
+                p.module(constant)
+                continue
             record = recorded.get(source.name)
             if record is None:
                 new.append(p)
