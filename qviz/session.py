@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.ao.quantization.quantize_fx import prepare_fx
 
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
@@ -33,6 +33,7 @@ from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import call_model, positional, split_batch
 from qviz.flows.eager import detect_fusion_groups
 from qviz.flows.failure import model_failure
+from qviz.flows.fx import FunctionalLayer, constant_value, observed_nodes
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
 from qviz.plan import Plan, default_layer_config, to_qconfig
@@ -369,8 +370,9 @@ class Session:
         else:
             target.check(modules)
         # FX decides where quantize/dequantize go around float layers: let it convert again
-        structural = self.flow.name == "fx" and any(
-            (target[n].dtype == "float") != (self.plan[n].dtype == "float") for n in changed
+        structural = self.flow.name == "fx" and any(  # functional layers: FX re-converts them
+            (target[n].dtype == "float") != (self.plan[n].dtype == "float")
+            or isinstance(modules[n], FunctionalLayer) for n in changed
         )
         previous = {}
         if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
@@ -406,19 +408,39 @@ class Session:
 
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
-        """prepare_fx under ``target`` and convert_fx, every observer's qparams set from the
-        statistics recorded at calibration (no pass over calibration data)."""
-        observed = prepare_fx(copy.deepcopy(self._model).eval(), plan_qconfig_mapping(target),
+        """prepare_fx under ``target`` and convert, qparams set without calibration data where
+        possible. A point observing a value computed from parameters alone (a functional layer's
+        weight, a layer-scale parameter) observes it now; the others are matched with
+        calibration's by the node they observe (stable across prepares of one model) and get
+        qparams from the statistics recorded there. Points new to this graph (a layer that was
+        float at calibration makes FX observe its input, say) are calibrated in one pass over
+        calib_data, with a warning naming them in the user's terms."""
+        observed = prepare_fx(copy.deepcopy(self._model).eval(), self.flow.plan_mapping(target),
                               positional(self._model, self._example))
-        by_key = {(r.layer, r.role): r for r in self._records.values() if r.role in ("output", "input")}
+        recorded = {}
+        for point, node in self._reference.meta.get("qviz_observed_nodes", {}).items():
+            record = self._records.get(point)
+            if record is not None and record.role in ("output", "input"):
+                recorded.setdefault(node, record)
+        points = {p.name: p for p in self.flow.quant_points(observed)}
         default = default_layer_config(self.backend)
-        for p in self.flow.quant_points(observed):
-            record = by_key.get((p.layer, p.role))
+        new = []
+        for node in observed.graph.nodes:
+            p = points.get(node.target) if node.op == "call_module" else None
+            if p is None:
+                continue
+            source = node.args[0]
+            try:
+                constant = constant_value(observed, source)
+            except LookupError:
+                constant = None  # data flows into it
+            if isinstance(constant, torch.Tensor):  # a weight or other parameter-only value
+                p.module(constant)
+                continue
+            record = recorded.get(source.name)
             if record is None:
-                raise ConfigError(
-                    f"no statistics were recorded for {p.layer!r} ({p.role}) during calibration; "
-                    "build this plan from scratch with Session(model, data, plan=plan).run()"
-                )
+                new.append(p)
+                continue
             config = target.get(p.layer) if p.layer in target else default
             config = default if config.dtype == "float" else config
             run_config = self._run_plan.get(p.layer) if p.layer in self._run_plan else default
@@ -430,7 +452,30 @@ class Session:
             else:
                 scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
             fix_qparams(p.module, scale, zero_point)
-        return convert_fx(observed)
+        if new:
+            self._calibrate_new_points(observed, new)
+        return self.flow.convert(observed)
+
+    def _calibrate_new_points(self, observed, new: list) -> None:
+        """One pass over calib_data for points that calibration did not have; their records
+        join the session's (named '<point>@<observed node>'), so later re-conversions reuse them."""
+        observes = observed_nodes(observed)
+        with probing(new) as records, torch.no_grad():
+            for i, args in enumerate(self._calib):
+                run_batch(observed, args, "calib_data", i, self._calib[0])
+        known = self._reference.meta.setdefault("qviz_observed_nodes", {})
+        for p in new:
+            record = describe(records[p.name], p.module)
+            record.name = f"{p.name}@{observes[p.name]}"
+            self._records[record.name] = record
+            self._initial[record.name] = dict(record.arrays)
+            known[record.name] = observes[p.name]
+        warnings.warn(  # no "quantiz"/"observer" in the text: quiet_torch() would hide it
+            f"under the new plan, {len(new)} value(s) that calibration did not see need qparams "
+            f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): qviz "
+            "ran one pass over calib_data for them",
+            stacklevel=5,
+        )
 
     def _output_record(self, layer: str) -> PointRecord | None:
         return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)

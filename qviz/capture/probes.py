@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qviz.capture.stats import ActivationStats
+from qviz.errors import ModelError
 from qviz.flows.base import QuantPoint, is_fake_quant
 
 
@@ -59,11 +60,13 @@ def probing(points: list[QuantPoint]):
     records = {p.name: PointRecord(p.name, p.layer, p.role, ActivationStats()) for p in points}
     handles = []
 
-    def make_hook(record: PointRecord):
+    def make_hook(record: PointRecord, point: QuantPoint):
         def hook(module, args):
             x = args[0]
             if not isinstance(x, torch.Tensor):
                 return None
+            if not (x.is_floating_point() or x.is_quantized):
+                raise _integer_input(point, x.dtype)
             x = x.detach()
             seen = record.stats.nonfinite
             record.stats.update(x)  # one min/max pass; it counts NaN/Inf when there are any
@@ -76,11 +79,24 @@ def probing(points: list[QuantPoint]):
 
     try:
         for p in points:
-            handles.append(p.module.register_forward_pre_hook(make_hook(records[p.name])))
+            handles.append(p.module.register_forward_pre_hook(make_hook(records[p.name], p)))
         yield records
     finally:
         for h in handles:
             h.remove()
+
+
+def _integer_input(point: QuantPoint, dtype: torch.dtype) -> ModelError:
+    """An integer tensor (a mask, token ids) met an observer: torch can quantize floats only."""
+    where = point.origin or f"the {point.role} of {point.layer!r}"
+    fix = f"`{point.leave_float}`" if point.leave_float else "a qconfig of None for that op"
+    return ModelError(
+        f"an integer tensor ({str(dtype).replace('torch.', '')}) reaches the quantization point "
+        f"{point.name!r}, {where}: torch's observers and quantize ops take floating-point tensors "
+        f"only (HistogramObserver fails in histc, the converted model in quantize_per_tensor). Leave "
+        f"that op float with {fix} in the QConfigMapping you pass as qviz.Session(..., "
+        "qconfig_mapping=...), or cast the tensor to float in the model (e.g. mask.to(x.dtype))"
+    )
 
 
 def _numpy(value) -> np.ndarray:

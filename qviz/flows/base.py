@@ -43,6 +43,8 @@ class QuantPoint:
     module: nn.Module
     layer: str
     role: str
+    origin: str = ""  # where it sits in the user's code, for error messages (FX: op, module, line)
+    leave_float: str = ""  # the QConfigMapping call that leaves its op float (FX)
 
 
 def is_quant_point(module: nn.Module) -> bool:

@@ -5,18 +5,32 @@ FX names its observers ``activation_post_process_N``; each observes the node in 
 argument, so a point maps to the module that produced that node (fused groups are named by
 their first module, as in the float model). Weight fake-quants of QAT modules sit inside the
 module (``conv1.weight_fake_quant``).
+
+Functional layers (``F.linear`` / ``F.conv1d..3d`` on a module's parameters, as timm's ``Linear``
+and many classifier heads are written) have no module in the traced graph. qviz makes each one a
+module of its own, in the reference and in the converted model alike (:class:`FunctionalLayer`,
+the op plus a ReLU fused into it), so that every quantized op is a row. Row names: the module
+whose ``forward`` calls the op (``"head"``) when it calls one such op; otherwise
+``"<module>.<op>#<i>"``, ``i`` counting that module's calls of that op from 0 (``"block.linear#1"``;
+the model's own ``forward``: ``"linear#0"``), which is FX's ``set_module_name_object_type_order``
+index, so a plan addresses exactly that call.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
+import os
 import traceback
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+import qviz
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
     QuantPoint,
@@ -30,21 +44,290 @@ from qviz.flows.base import (
 from qviz.flows.eager import is_quant_point_child
 from qviz.flows.tracing import one_trace_at_a_time
 
+_OWN_DIRS = tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep for m in (torch, qviz))
+WEIGHTED_OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+OP_OF_KIND = {kind: op for op, kind in WEIGHTED_OPS.items()}
+_EQUIVALENT = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+_RELUS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
 
 def is_fx_prepared(model: nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule) and "_observed_graph_module_attrs" in model.meta
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The last frame of the traceback outside torch: the user's line FX choked on."""
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__)
-        if "/torch/" not in f.filename and "/qviz/" not in f.filename
-    ]
+    """The last frame of the traceback outside torch and qviz (their installed package
+    directories): the user's line FX choked on."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.realpath(f.filename).startswith(_OWN_DIRS)]
     if not frames:
         return ""
     f = frames[-1]
     return f" at {f.filename}:{f.lineno} in {f.name}(): `{(f.line or '').strip()}`"
+
+
+def _check_module_names(model: nn.Module) -> None:
+    """FX writes module names into generated Python: quotes and backslashes break that code."""
+    for name, _ in model.named_modules():
+        if any(c in name for c in '"\\\n\r'):
+            raise ModelError(
+                f"module name {name!r} contains a quote, backslash or line break, which FX cannot "
+                "write into its generated code: rename that module (add_module with a plain name) "
+                "or use flow='eager' or flow='pt2e'"
+            )
+
+
+# -- functional layers -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FunctionalOp:
+    """One call of a weighted functional op in the traced graph, and the row it becomes."""
+
+    row: str  # the layer name (see the module docstring)
+    owner: str  # the module whose forward calls it ("" for the model itself)
+    kind: str  # "linear", "conv2d", ...
+    index: int  # among the owner's calls of this op, in graph order (FX's object_type_order)
+    node: str  # the op's node name, the same in the observed, reference and converted graphs
+
+
+def _scope(observed: nn.Module) -> dict:
+    attrs = observed.meta.get("_observed_graph_module_attrs")
+    return getattr(attrs, "node_name_to_scope", None) or {}
+
+
+def _source(gm: nn.Module, node):
+    """The graph value behind ``node`` seen through observers and their no-op stand-ins."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_module" and (
+        is_quant_point(m := gm.get_submodule(node.target)) or isinstance(m, nn.Identity)
+    ):
+        node = node.args[0]
+    return node
+
+
+def functional_ops(observed: nn.Module) -> dict[str, FunctionalOp]:
+    """The weighted functional calls of a prepared graph whose weight comes from parameters or
+    buffers alone, by node name, named as the module docstring says."""
+    scope = _scope(observed)
+    calls = []
+    counts: dict[tuple[str, object], int] = {}
+    for node in observed.graph.nodes:
+        if node.op == "call_function" and node.target in WEIGHTED_OPS:
+            owner = scope.get(node.name, ("", None))[0]
+            index = counts.get((owner, node.target), 0)
+            counts[(owner, node.target)] = index + 1
+            try:
+                constant_value(observed, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+            except LookupError:
+                continue  # a weight computed from the input: not a layer of parameters
+            calls.append((owner, WEIGHTED_OPS[node.target], index, node.name))
+    per_owner = {}
+    for owner, *_ in calls:
+        per_owner[owner] = per_owner.get(owner, 0) + 1
+    ops = {}
+    for owner, kind, index, name in calls:
+        row = owner if owner and per_owner[owner] == 1 else f"{owner}.{kind}#{index}".lstrip(".")
+        ops[name] = FunctionalOp(row, owner, kind, index, name)
+    return ops
+
+
+def _fused_relu(gm: nn.Module, node):
+    """The ReLU applied to ``node``'s output alone (FX fuses it into the quantized op), or None."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if (user.op == "call_function" and user.target in _RELUS) or (
+        user.op == "call_method" and user.target in ("relu", "relu_")
+    ) or (user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.ReLU)):
+        return user
+    return None
+
+
+def _chain(gm: nn.Module, node) -> list:
+    relu = _fused_relu(gm, node)
+    return [node] if relu is None else [node, relu]
+
+
+class _Input:
+    """Marks where a :class:`FunctionalLayer` puts its input (and each step the previous result);
+    one object, kept by copies and pickles (the layer finds it by identity)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_IN"
+
+
+_IN = _Input()
+
+
+class FunctionalLayer(nn.Module):
+    """A functional op of the float model (plus the ReLU FX fuses into it) as a module, so hooks,
+    shadow runs and plans see it as a layer. ``steps`` are (node op, target, args, kwargs) with the
+    graph's constants resolved and the running value marked by ``_IN``."""
+
+    quantized = False
+
+    def __init__(self, steps: list, kind: str):
+        super().__init__()
+        self.steps, self.kind = steps, kind
+        fused = len(steps) > 1 or str(steps[0][1]).endswith("_relu")  # quantized::linear_relu
+        self.layer_type = f"F.{kind}" + ("+relu" if fused else "")
+        self.equivalent = _EQUIVALENT[kind]  # the module class whose plan rules apply
+        if not self.quantized:
+            args, kwargs = steps[0][2], steps[0][3]
+            self.weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            self.bias = bias if isinstance(bias, torch.Tensor) else None
+
+    def forward(self, x):
+        for node_op, target, args, kwargs in self.steps:
+            args = tuple(x if a is _IN else a for a in args)
+            x = getattr(args[0], target)(*args[1:], **kwargs) if node_op == "call_method" else target(*args, **kwargs)
+        return x
+
+
+class QuantizedFunctionalLayer(FunctionalLayer):
+    """The converted op (``quantized::linear(x, packed, scale, zero_point)``, ...) as a module."""
+
+    quantized = True
+
+    def weight(self) -> torch.Tensor:
+        """The quantized weight, unpacked (weight_sqnr and the weight's qparams come from it)."""
+        packed = next(a for a in self.steps[0][2] if isinstance(a, torch._C.ScriptObject))
+        return torch.ops.quantized.linear_unpack(packed)[0] if self.kind == "linear" else packed.unpack()[0]
+
+    @property
+    def scale(self) -> float:
+        return float(self.steps[0][2][2])
+
+    @property
+    def zero_point(self) -> int:
+        return int(self.steps[0][2][3])
+
+
+def constant_value(gm: nn.Module, node):
+    """A graph argument that does not depend on the model's inputs (a parameter, or a weight
+    computed from parameters as timm's StdConv2d does), as the object it stands for; LookupError
+    for one that does."""
+    if isinstance(node, (tuple, list)):
+        return type(node)(constant_value(gm, n) for n in node)
+    if isinstance(node, dict):
+        return {k: constant_value(gm, v) for k, v in node.items()}
+    if not isinstance(node, torch.fx.Node):
+        return node
+    node = _source(gm, node)
+    if node.op == "get_attr":
+        return operator.attrgetter(node.target)(gm)
+    if node.op not in ("call_function", "call_method"):
+        raise LookupError(node.name)
+    args, kwargs = constant_value(gm, node.args), constant_value(gm, node.kwargs)
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
+def _install(gm: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, making parent containers as needed; a container already at
+    ``path`` (FX's holder of get_attr targets) hands its children over."""
+    owner = gm
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    old = owner._modules.get(parts[-1])
+    if old is not None:
+        for attr in ("_parameters", "_buffers", "_modules"):
+            for k, v in getattr(old, attr).items():
+                if k not in module.__dict__ and k not in getattr(module, attr):
+                    getattr(module, attr)[k] = v
+    owner._modules[parts[-1]] = module
+
+
+def wrap_functional(gm: torch.fx.GraphModule, ops: dict[str, FunctionalOp]) -> torch.fx.GraphModule:
+    """Replace each op of ``ops`` found in ``gm`` (by node name) with a call of a
+    :class:`FunctionalLayer` at its row name; ops whose arguments depend on data stay as they are."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, op in ops.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        chain = _chain(gm, node)
+        quantized = not (node.op == "call_function" and node.target in WEIGHTED_OPS)
+        try:
+            steps = []
+            for i, step in enumerate(chain):
+                target = gm.get_submodule(step.target) if step.op == "call_module" else step.target
+                first = node.args[0] if i == 0 else chain[i - 1]
+                args = tuple(_IN if a is first else constant_value(gm, a) for a in step.args)
+                if _IN not in args:
+                    raise LookupError(step.name)
+                steps.append((step.op, target, args, {k: constant_value(gm, v) for k, v in step.kwargs.items()}))
+        except LookupError:
+            continue
+        layer = QuantizedFunctionalLayer if quantized else FunctionalLayer
+        _install(gm, op.row, layer(steps, op.kind))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(op.row, (node.args[0],))
+        call.meta = dict(node.meta)
+        chain[-1].replace_all_uses_with(call)
+        for step in reversed(chain):
+            gm.graph.erase_node(step)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def observed_nodes(observed: nn.Module) -> dict[str, str]:
+    """Each graph observer's name -> the node it observes (stable across prepares of one model)."""
+    return {n.target: n.args[0].name for n in observed.graph.nodes
+            if n.op == "call_module" and is_quant_point(observed.get_submodule(n.target))}
+
+
+def _code_line(node) -> str:
+    """'model.py:12: `return x * mask`': the user's frame in the node's stack trace, or ''."""
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [(ln.strip().split('"'), lines[i + 1].strip() if i + 1 < len(lines) else "")
+              for i, ln in enumerate(lines) if ln.strip().startswith('File "')]
+    frames = [(head, code) for head, code in frames
+              if len(head) > 2 and not os.path.realpath(head[1]).startswith(_OWN_DIRS)]
+    if not frames:
+        return ""
+    (_, path, rest, *_), code = frames[-1]
+    return f"{os.path.basename(path)}:{rest.split(',')[1].split()[-1]}: `{code}`"
+
+
+def _op_literal(gm: nn.Module, node) -> tuple[str, str]:
+    """(the op in the user's terms, the QConfigMapping call that leaves it float)."""
+    if node.op == "call_module":
+        return (f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})",
+                f"qconfig_mapping.set_module_name({node.target!r}, None)")
+    if node.op == "call_method":
+        return f"the method `.{node.target}()`", f"qconfig_mapping.set_object_type({node.target!r}, None)"
+    module = getattr(node.target, "__module__", None) or "torch"
+    module = "operator" if module == "_operator" else module
+    name = f"{module}.{getattr(node.target, '__name__', node.target)}"
+    return f"`{name}`", f"qconfig_mapping.set_object_type({name}, None)"
+
+
+def _origin(observed: nn.Module, observer, scope: dict) -> tuple[str, str]:
+    """Where a graph observer sits in the user's terms (the value, the op taking it, its module
+    and line of code), and the QConfigMapping call that leaves that op float."""
+    source = observer.args[0]
+    value = (f"the model input `{source.name}`" if source.op == "placeholder"
+             else f"the output of {_op_literal(observed, source)[0]}" if source.op != "get_attr"
+             else f"the parameter `{source.target}`")
+    users = [u for u in observer.users if u.op in ("call_function", "call_method", "call_module")]
+    if not users:
+        return value, ""
+    op, fix = _op_literal(observed, users[0])
+    owner, owner_type = scope.get(users[0].name, ("", None))
+    where = f" in module {owner!r} ({owner_type.__name__})" if owner and owner_type else ""
+    line = _code_line(users[0])
+    return f"{value} going into {op}{where}" + (f" at {line}" if line else ""), fix
 
 
 class FxFlow:
@@ -55,16 +338,40 @@ class FxFlow:
         self.backend = check_backend(backend)
         self.qconfig_mapping = qconfig_mapping
         self.handed_over = False
+        self.plan = None
+        self.functional: dict[str, FunctionalOp] = {}  # row name -> op, set at prepare
+
+    def use_plan(self, plan) -> None:
+        """A plan given to the Session drives the first conversion (functional rows included)."""
+        self.plan = plan
+
+    def plan_mapping(self, plan):
+        """The plan as a QConfigMapping that addresses this model's functional rows exactly."""
+        from qviz.whatif import plan_qconfig_mapping
+
+        return plan_qconfig_mapping(plan, self.functional)
 
     @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
         if is_fx_prepared(model):
             self.handed_over = True
-            return copy.deepcopy(model).eval()
-        mapping = self.qconfig_mapping or get_default_qconfig_mapping(self.backend)
-        observed = copy.deepcopy(model).eval()
+            observed = copy.deepcopy(model).eval()
+            self.functional = {op.row: op for op in functional_ops(observed).values()}
+            return observed
+        _check_module_names(model)
+        if self.plan is not None:  # the functional rows' names come from a trace first
+            self.functional = {op.row: op for op in functional_ops(
+                self._prepare(model, torch.ao.quantization.QConfigMapping(), example_inputs)).values()}
+            mapping = self.plan_mapping(self.plan)
+        else:
+            mapping = self.qconfig_mapping or get_default_qconfig_mapping(self.backend)
+        observed = self._prepare(model, mapping, example_inputs)
+        self.functional = {op.row: op for op in functional_ops(observed).values()}
+        return observed
+
+    def _prepare(self, model: nn.Module, mapping, example_inputs: tuple) -> nn.Module:
         try:
-            return prepare_fx(observed, mapping, positional(model, example_inputs))
+            return prepare_fx(copy.deepcopy(model).eval(), mapping, positional(model, example_inputs))
         except LookupError as exc:
             raise ConfigError(
                 f"prepare_fx refused the QConfigMapping: {exc}. Modules fused together "
@@ -74,24 +381,36 @@ class FxFlow:
             raise ModelError(
                 f"FX could not trace {type(model).__name__}{_user_frame(exc)}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                "Data-dependent control flow and non-tensor arguments stop symbolic tracing: "
-                "use flow='eager' (with QuantStub/DeQuantStub) or flow='pt2e', or make that "
-                "code traceable"
+                "Data-dependent control flow and non-tensor arguments stop symbolic tracing, "
+                "and Hugging Face transformers are not traceable by prepare_fx: use flow='eager' "
+                "(with QuantStub/DeQuantStub), or flow='pt2e', 'torchao' or 'dynamic', which "
+                "take such models, or make that code traceable"
             ) from exc
 
     def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
+        ops = functional_ops(observed)
+        rows = {_chain(observed, node)[-1].name: op.row
+                for node in observed.graph.nodes if (op := ops.get(node.name)) is not None}
+        weights = {_first_observer(observed, node): op.row for node in observed.graph.nodes
+                   if (op := ops.get(node.name)) is not None}
+        scope = _scope(observed)
         points, seen = [], set()
         for node in observed.graph.nodes:
             if node.op != "call_module" or not is_quant_point(observed.get_submodule(node.target)):
                 continue
             source = node.args[0]
-            if source.op == "placeholder":
+            if node.name in weights:
+                layer, role = weights[node.name], "weight"
+            elif source.name in rows:
+                layer, role = rows[source.name], "output"
+            elif source.op == "placeholder":
                 layer, role = source.name, "input"
             elif source.op == "call_module":
                 layer, role = source.target, "output"
             else:
                 layer, role = source.name, "output"
-            points.append(QuantPoint(node.target, observed.get_submodule(node.target), layer, role))
+            origin, fix = _origin(observed, node, scope)
+            points.append(QuantPoint(node.target, observed.get_submodule(node.target), layer, role, origin, fix))
             seen.add(node.target)
         for name, module in observed.named_modules():  # weight fake-quants of QAT modules
             if name in seen or not is_quant_point(module) or is_quant_point_child(observed, name):
@@ -101,8 +420,34 @@ class FxFlow:
         return points
 
     def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
-        return neutral_reference(observed, points)
+        reference = neutral_reference(observed, points)
+        reference.meta["qviz_observed_nodes"] = observed_nodes(observed)  # for re-conversion
+        return wrap_functional(reference, functional_ops(observed))
 
     @one_trace_at_a_time
     def convert(self, observed: nn.Module) -> nn.Module:
-        return convert_fx(copy.deepcopy(observed).eval())
+        return wrap_functional(convert_fx(copy.deepcopy(observed).eval()), functional_ops(observed))
+
+    def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
+        """Module layers as everywhere (FX's bare holders of get_attr targets left out) plus
+        the functional rows."""
+        from qviz.analysis.compare import find_layers
+
+        layers, left_float = find_layers(quantized, reference)
+        functional = {n: m for n, m in quantized.named_modules() if isinstance(m, FunctionalLayer)}
+
+        def module_row(name):
+            return name not in functional and type(quantized.get_submodule(name)) is not nn.Module
+
+        return ([n for n in layers if module_row(n)] + [n for n, m in functional.items() if m.quantized],
+                [n for n in left_float if module_row(n)] + [n for n, m in functional.items() if not m.quantized])
+
+    def check_plan(self, plan, modules: dict) -> None:
+        """The plan's rules for a functional row are those of the module it stands for."""
+        plan.check({n: m.equivalent if isinstance(m, FunctionalLayer) else m for n, m in modules.items()})
+
+
+def _first_observer(observed: nn.Module, node) -> str | None:
+    """The name of the observer node on a functional op's weight argument."""
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return arg.name if isinstance(arg, torch.fx.Node) and arg.op == "call_module" else None
