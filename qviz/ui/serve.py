@@ -16,6 +16,7 @@ import panel as pn
 
 from qviz.errors import ConfigError, QvizError
 from qviz.ui.app import TITLE, build_app
+from qviz.ui.markup import md
 from qviz.ui.progress import TaskProgress, ui_caller
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ def app_for(factory: Callable, compare: Callable | None = None):
     try:
         return build_app(factory(), compare_with=None if compare is None else compare())
     except QvizError as exc:
-        return pn.pane.Alert(f"qviz could not open the session: {exc}", alert_type="danger")
+        return pn.pane.Alert(md(f"qviz could not open the session: {exc}"), alert_type="danger")
     except Exception as exc:  # noqa: BLE001 - a page that says what broke, not a bare server error
         log.exception("qviz: could not build the app")
-        return pn.pane.Alert(f"qviz could not build the app: {type(exc).__name__}: {exc}", alert_type="danger")
+        return pn.pane.Alert(md(f"qviz could not build the app: {type(exc).__name__}: {exc}"), alert_type="danger")
 
 
 def loading_app_for(factory: Callable, compare: Callable | None = None):
