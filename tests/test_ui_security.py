@@ -86,7 +86,7 @@ def test_hostile_layer_names_show_as_text(live_server, new_page, artifacts):
     page.locator(".bk-btn", has_text="Apply").click()
     expect(page.get_by_text(f"applied {NAMES[-1]}: dtype=int4").first).to_be_visible()
     # the Compare tab: layers only in one session are listed by name
-    page.get_by_role("tab", name="Compare").click()
+    page.locator(".bk-tab", has_text="Compare").click()
     expect(page.get_by_text(f"only in A: {NAMES[1]}, {NAMES[2]}")).to_be_visible()
     expect(page.get_by_text(f"only in B: {NAMES_B[0]}")).to_be_visible()
     compare_rows = page.locator(".tabulator").filter(has_text="A only").locator(".tabulator-row")
