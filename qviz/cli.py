@@ -9,19 +9,13 @@ import sys
 
 import pandas as pd
 
+from qviz.demo import demo_session
 from qviz.errors import QvizError
+from qviz.ui import MAX_SESSIONS
+
+__all__ = ["build_parser", "demo_session", "format_table", "main"]
 
 _COLUMNS = ["type", "dtype", "observer", "weight_sqnr", "local_sqnr", "output_sqnr", "clip_frac", "scale", "zero_point"]
-
-
-def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True, latency: bool = False):
-    """The embedded demo model through ``flow``, run and compared (a few seconds)."""
-    from qviz.demo import demo_session_inputs
-    from qviz.session import Session
-
-    model, calib, evals = demo_session_inputs()
-    return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress,
-                   latency=latency).run()
 
 
 def format_table(session) -> str:
@@ -52,7 +46,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from qviz.ui.serve import free_port, serve, session_factory
+    from qviz.ui.serve import free_port, serve, session_factory  # Panel: imported only to serve
 
     if (args.path is None) == (not args.demo):
         raise QvizError("give a session file (qviz serve run.qviz) or --demo, not both")
@@ -63,7 +57,7 @@ def _cmd_serve(args) -> int:
     print(f"qviz: serving {'the demo' if args.demo else args.path}{against} at http://{args.address}:{port}/ "
           "(Ctrl-C to stop)", flush=True)
     serve(factory, compare=compare, port=port, address=args.address, show=not args.no_show, verbose=False,
-          slow=args.demo)
+          slow=args.demo, max_sessions=args.max_sessions)
     return 0
 
 
@@ -94,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
     srv.add_argument("--address", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, metavar="N",
+                     help=f"browser tabs served at once (default {MAX_SESSIONS}); later visitors get a page "
+                     "saying so until a tab is closed")
     srv.add_argument("--no-show", action="store_true", help="do not open a browser")
     srv.set_defaults(func=_cmd_serve)
     rep = sub.add_parser("report", help="write the HTML report (one self-contained file) of a session file")

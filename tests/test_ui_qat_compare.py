@@ -18,6 +18,7 @@ import qviz  # noqa: E402
 from qviz.cli import build_parser, demo_session, main  # noqa: E402
 from qviz.ui.app import Dashboard, build_app  # noqa: E402
 from qviz.ui.compare_view import CompareView, layer_differences, summary_differences  # noqa: E402
+from qviz.ui.markup import md  # noqa: E402
 from qviz.ui.qat_view import HOW_TO_RECORD, QatView, layer_points  # noqa: E402
 from qviz.ui.serve import app_for, session_factory  # noqa: E402
 from qviz.ui.state import DashboardState  # noqa: E402
@@ -188,7 +189,7 @@ def test_logged_scalars_and_findings(qat):
     row = int(np.flatnonzero(view.findings.value.layer == found.layer[mine[0]])[0])
     view.findings.selection = [row]
     assert state.selected_layer == found.layer[mine[0]]
-    assert f"**{state.selected_layer}** over {STEPS} training steps" in view.header.object
+    assert f"**{md(state.selected_layer)}** over {STEPS} training steps" in view.header.object
 
 
 def test_dashboard_links_the_qat_view_with_the_others(qat):
@@ -346,12 +347,14 @@ def test_no_second_session_no_compare_tab(ptq):
 
 
 # -- entry points --------------------------------------------------------------------------------
-def test_app_for_gives_each_browser_session_its_own_copies(files):
+def test_app_for_gives_each_browser_session_its_own_dashboard_over_one_loaded_file(files):
     qat_file, ptq_file = files
-    pages = [app_for(session_factory(qat_file), session_factory(ptq_file)) for _ in range(2)]
-    one, two = (p.dashboard for p in pages)
-    assert one.compare is not None and one.compare.other is not two.compare.other
-    assert one.state.session is not two.state.session
+    factory, compare = session_factory(qat_file), session_factory(ptq_file)
+    one, two = (app_for(factory, compare).dashboard for _ in range(2))
+    assert one.state is not two.state and one.compare is not None and one.compare is not two.compare
+    assert one.state.session is two.state.session and one.compare.other is two.compare.other  # loaded once
+    one.state.selected_layer = "fc1"
+    assert two.state.selected_layer != "fc1"  # what one visitor selects is theirs
     assert "Compare" in _tab_names(one) and one.qat.timeline is not None
     assert build_app(qviz.load(qat_file)).dashboard.compare is None
 
@@ -370,7 +373,7 @@ def test_cli_serve_compare(files, monkeypatch, capsys, tmp_path):
     ((factory, kw),) = calls
     assert "compared with" in capsys.readouterr().out
     a, b = kw["compare"](), kw["compare"]()
-    assert a is not b and a.results.timeline is None  # a fresh copy of the second file each time
+    assert a is b and a.results.timeline is None  # the second file, loaded once for every visitor
     assert factory().results.timeline is not None
     assert (
         main(["serve", str(qat_file), "--compare", str(tmp_path / "missing.qviz"), "--no-show"])

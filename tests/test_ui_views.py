@@ -27,7 +27,15 @@ from qviz.errors import ConfigError, SessionFileError  # noqa: E402
 from qviz.session import Session  # noqa: E402
 from qviz.ui import figures  # noqa: E402
 from qviz.ui.app import Dashboard, build_app, build_dashboard  # noqa: E402
-from qviz.ui.serve import app_for, session_factory, websocket_origins  # noqa: E402
+from qviz.ui.markup import md  # noqa: E402
+from qviz.ui.serve import (  # noqa: E402
+    Visitors,
+    app_for,
+    exposure_warning,
+    serve,
+    session_factory,
+    websocket_origins,
+)
 from qviz.ui.state import DashboardState  # noqa: E402
 from qviz.ui.views import (  # noqa: E402
     ConfigEditor,
@@ -39,6 +47,7 @@ from qviz.ui.views import (  # noqa: E402
     column_widths,
     sqnr_cell_style,
 )
+from tests.hostile import FILE_TEXT, NAMES, NAMES_B, hostile_file, hostile_session  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -321,6 +330,38 @@ def test_message_view_escapes_html(state):
     assert "<script>" not in view.alert.object and view.alert.alert_type == "warning"
 
 
+def _rendered_html(app) -> list[str]:
+    """The HTML of every Markdown/HTML pane of ``app`` as the browser receives it."""
+    from panel.models.markup import HTML as HTMLModel
+
+    root = app.get_root(Document(), comm=Comm())
+    return [html.unescape(m.text) for m in root.select({"type": HTMLModel})]
+
+
+@pytest.mark.parametrize("text", [*NAMES, *FILE_TEXT.values(), "a_b_ *c* `d` $e$ #f | g\n===", "x & y; &amp;"])
+def test_md_renders_any_text_literally(text):
+    rendered = pn.pane.Markdown(md(text))._transform_object(md(text))["object"]
+    body = html.unescape(rendered).removeprefix("<p>").removesuffix("</p>\n")
+    assert "<" not in body and html.unescape(body) == text  # no tag, no markup: the text, as entities
+
+
+def test_no_pane_renders_text_from_the_data_as_html(tmp_path):
+    """Every layer selected in turn, in a live session of a model with HTML for module names
+    (Compare tab included) and in a file whose flow, backend, types and observers are HTML: the
+    panes hold the text escaped, never a tag of it."""
+    apps = [build_app(hostile_session(), compare_with=hostile_session(NAMES_B)),
+            app_for(session_factory(hostile_file(tmp_path / "hostile.qviz")))]
+    for app in apps:
+        state = app.dashboard.state
+        for layer in NAMES:
+            state.selected_layer = layer
+            state.notify(f"about {layer}", "info")
+            rendered = _rendered_html(app)
+            assert any(html.escape(layer, quote=False) in text for text in rendered)
+            for text in rendered:
+                assert not any(tag in text for tag in ("<script", "<img", "<details", "<a ")), text
+
+
 # -- the app -------------------------------------------------------------------------------------
 def test_build_app_is_a_page_titled_qviz(session):
     app = build_app(session)
@@ -379,17 +420,40 @@ def test_websocket_origins():
     assert websocket_origins("192.168.1.5", 81) == ["192.168.1.5:81"]
 
 
-def test_session_factory_makes_fresh_sessions_from_a_file(session, session_file, tmp_path):
+def test_session_factory_loads_a_file_once_for_every_visitor(session, session_file, tmp_path):
     factory = session_factory(session_file)
     a, b = factory(), factory()
-    assert a is not b and a.results is not b.results
+    assert a is b and not a.can_apply and not a.is_live  # shared: results only, nothing applies
     pd.testing.assert_frame_equal(a.to_dataframe(), session.to_dataframe())
+    demo = session_factory(demo=True)
+    assert demo.__name__ == "<lambda>"  # the demo: one fresh live session per call (not called here)
     with pytest.raises(SessionFileError, match="no such file"):
         session_factory(tmp_path / "missing.qviz")
     with pytest.raises(ConfigError):
         session_factory(session_file, demo=True)
     with pytest.raises(ConfigError):
         session_factory()
+
+
+def test_an_address_other_machines_reach_is_warned_about(session, capsys):
+    for address in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_warning(address, 5006) is None
+    for address, where in (("0.0.0.0", "every network interface"), ("192.168.1.5", "192.168.1.5")):
+        text = exposure_warning(address, 5006)
+        assert text.startswith("qviz: WARNING") and where in text and "anyone who can reach" in text
+        assert "run models" in text and "README" in text
+    server = serve(lambda: session, address="0.0.0.0", threaded=True, show=False, verbose=False)
+    try:
+        assert exposure_warning("0.0.0.0", server.port) in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
+def test_visitor_limit_must_be_a_positive_count():
+    assert Visitors(3).admit()  # outside a served session nothing is counted
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match="max_sessions"):
+            Visitors(bad)
 
 
 def test_app_for_turns_a_failure_into_an_alert(tmp_path):
@@ -404,6 +468,7 @@ def test_cli_serve_arguments(session_file, tmp_path, capsys):
     args = build_parser().parse_args(["serve", str(session_file), "--port", "0", "--address", "0.0.0.0", "--no-show"])
     assert (args.path, args.port, args.address, args.no_show, args.demo) == (str(session_file), 0, "0.0.0.0", True, False)
     assert build_parser().parse_args(["serve", "--demo"]).demo
+    assert args.max_sessions == 8 and build_parser().parse_args(["serve", "--demo", "--max-sessions", "2"]).max_sessions == 2
     assert main(["serve"]) == 2 and "--demo" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing.qviz"), "--no-show"]) == 2
     assert "no such file" in capsys.readouterr().err

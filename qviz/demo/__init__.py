@@ -1,7 +1,8 @@
 """The embedded demo: a small CNN on scikit-learn's digits with shipped weights, no download.
 
 ``load_demo_model()`` gives the trained float model; ``demo_session_inputs()`` gives it with
-calibration and evaluation batches, ready for a qviz session. Retrain with
+calibration and evaluation batches, ready for a qviz session; ``demo_session()`` runs that session
+(what ``qviz demo`` prints and ``qviz serve --demo`` serves). Retrain with
 ``python -m qviz.demo.train``.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "DigitsNet",
     "accuracy",
     "calibration_batches",
+    "demo_session",
     "demo_session_inputs",
     "eval_batches",
     "eval_labels",
@@ -61,3 +63,12 @@ def load_demo_model(path: str | Path | None = None) -> DigitsNet:
 def demo_session_inputs() -> tuple[DigitsNet, list[torch.Tensor], list[torch.Tensor]]:
     """``(model, calibration_batches(), eval_batches())`` with the default batch sizes."""
     return load_demo_model(), calibration_batches(), eval_batches()
+
+
+def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True, latency: bool = False):
+    """The embedded demo model through ``flow``, run and compared (a few seconds)."""
+    from qviz.session import Session
+
+    model, calib, evals = demo_session_inputs()
+    return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress,
+                   latency=latency).run()

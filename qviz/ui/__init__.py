@@ -1,11 +1,17 @@
 """qviz's interactive views: state (param only), views (Panel), the app, notebook and server transports.
 
-Names load lazily, so ``qviz.ui.state`` imports without Panel.
+Names load lazily, so ``qviz.ui.state`` (and the command line) import without Panel.
 """
 
 from __future__ import annotations
 
 import importlib
+
+#: Browser sessions a served app holds at once by default (each live demo session holds models).
+MAX_SESSIONS = 8
+#: Seconds a served browser session lives with no page connected (a closed tab, a bare request)
+#: before it is destroyed and its dashboard and Session freed: Bokeh's own default.
+IDLE_S = 15.0
 
 _EXPORTS = {
     "DashboardState": "qviz.ui.state",

@@ -15,6 +15,7 @@ import panel as pn
 from panel.viewable import Viewer
 
 from qviz.ui.compare_view import CompareView
+from qviz.ui.markup import md
 from qviz.ui.pareto_view import ParetoView
 from qviz.ui.qat_view import QatView
 from qviz.ui.sensitivity_view import SensitivityView
@@ -51,7 +52,7 @@ class Dashboard(Viewer):
         except Exception as exc:  # noqa: BLE001 - one broken view must not take the app down
             log.exception("qviz: could not build %s", what)
             self.state.notify(f"could not build {what}: {type(exc).__name__}: {exc}", "danger")
-            return pn.pane.Alert(f"{what} is unavailable: {type(exc).__name__}: {exc}", alert_type="danger")
+            return pn.pane.Alert(md(f"{what} is unavailable: {type(exc).__name__}: {exc}"), alert_type="danger")
 
     def sections(self) -> list:
         """The dashboard's parts, top to bottom: figures, messages, then one tab per view."""

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from bokeh.models.widgets.tables import NumberFormatter
 
 from qviz.ui import figures
+from qviz.ui.markup import md
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
 SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
@@ -120,11 +121,16 @@ _TITLES = {
         for s, t in (("a", "A"), ("b", "B"), ("diff", "B - A"))
     },
 }
-_FORMATTERS = {
-    f"{c}_{s}": NumberFormatter(format="+0.00" if s == "diff" else "0.00")
-    for c in SQNR_COLUMNS
-    for s in ("a", "b", "diff")
-}
+
+
+def _formatters() -> dict:
+    """New formatters for one table (shared ones keep every table that used them alive: see
+    :func:`qviz.ui.views._formatters`)."""
+    return {
+        f"{c}_{s}": NumberFormatter(format="+0.00" if s == "diff" else "0.00")
+        for c in SQNR_COLUMNS
+        for s in ("a", "b", "diff")
+    }
 
 
 def _diff_style(value) -> str:
@@ -159,7 +165,7 @@ class CompareView(_StateView):
             selectable=1,
             sortable=True,
             header_filters=True,
-            formatters=dict(_FORMATTERS),
+            formatters=_formatters(),
             titles=dict(_TITLES),
             frozen_columns=["layer"],
             layout="fit_data_table",
@@ -191,7 +197,7 @@ class CompareView(_StateView):
             )
             only = self.table.value["in"]
             parts = [
-                f"only in {side}: {', '.join(only.index[only == f'{side} only'])}"
+                f"only in {side}: {', '.join(md(n) for n in only.index[only == f'{side} only'])}"
                 for side in ("A", "B")
                 if (only == f"{side} only").any()
             ]
@@ -249,4 +255,4 @@ def _describe(session) -> str:
     meta = getattr(getattr(session, "results", None), "meta", None) or {}
     parts = [f"{len(session.to_dataframe())} layers"]
     parts += [f"{k} {meta[k]}" for k in ("flow", "backend") if meta.get(k)]
-    return ", ".join(parts)
+    return md(", ".join(parts))

@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from qviz.errors import QvizError
 from qviz.ui import figures
+from qviz.ui.markup import md
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
 #: Shown instead of the view when the session holds no timeline.
@@ -439,8 +440,8 @@ class QatView(_StateView):
             else pd.DataFrame(columns=FINDING_COLUMNS)
         )
         mine = int((found["layer"] == layer).sum())
-        return (
-            f"**{layer}** over {meta.get('steps', '?')} training steps: {len(steps)} snapshots (every "
+        return f"**{md(layer)}** " + md(
+            f"over {meta.get('steps', '?')} training steps: {len(steps)} snapshots (every "
             f"{meta.get('snapshot_stride', '?')} steps), {len(tl.arrays.get('hist_steps', []))} histograms, "
             f"events for this layer: {len(layer_events(tl, layer))} · findings: {len(found)}, {mine} for this layer"
         )

@@ -21,6 +21,7 @@ from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 from panel.viewable import Viewer
 
 from qviz.ui import figures
+from qviz.ui.markup import md
 from qviz.ui.progress import ui_caller
 from qviz.ui.state import (
     COMPARED_COLUMNS,
@@ -95,7 +96,7 @@ class MessageView(_StateView):
         self.state.param.watch(self._update, ["message", "message_kind"])
 
     def _text(self) -> str:
-        return self.state.message.replace("<", "&lt;")
+        return md(self.state.message)
 
     def _update(self, *_):
         self.alert.param.update(object=self._text(), alert_type=self.state.message_kind)
@@ -138,7 +139,7 @@ class SummaryView(_StateView):
                 parts.append(f"{size / 1024:.1f} KiB quantized, {float_size / 1024:.1f} KiB float")
             if self.speedup.visible:
                 parts.append(f"{latency:.2f} ms quantized, {float_latency:.2f} ms float (median, this CPU)")
-            parts += [f"{k} {meta[k]}" for k in ("flow", "backend", "torch") if meta.get(k)]
+            parts += [f"{k} {md(meta[k])}" for k in ("flow", "backend", "torch") if meta.get(k)]
             self.details.object = " · ".join(parts)
 
     def __panel__(self):
@@ -162,10 +163,18 @@ def sqnr_cell_style(value) -> str:
 
 _DECIMALS = {**dict.fromkeys(_SQNR_COLUMNS, 2), "scale": 5, "zero_point": 0, "min": 3, "max": 3,
              "cosine": 5, "max_abs_err": 4}
-_FORMATTERS = {
-    **{c: NumberFormatter(format=f"0.{'0' * d}" if d else "0") for c, d in _DECIMALS.items()},
-    "clip_frac": NumberFormatter(format="0.000%"), "mse": ScientificFormatter(precision=3),
-}
+
+
+def _formatters() -> dict:
+    """New Bokeh formatters for one table. Never share them between tables: Panel watches each
+    formatter on behalf of its table, so a shared one keeps every table, dashboard and session
+    that ever used it alive (a served app then leaks every visitor's session)."""
+    return {
+        **{c: NumberFormatter(format=f"0.{'0' * d}" if d else "0") for c, d in _DECIMALS.items()},
+        "clip_frac": NumberFormatter(format="0.000%"), "mse": ScientificFormatter(precision=3),
+    }
+
+
 _TITLES = {"output_sqnr": "output SQNR (dB)", "local_sqnr": "local SQNR (dB)", "weight_sqnr": "weight SQNR (dB)",
            "clip_frac": "clipped", "zero_point": "zero point"}
 _CHAR_PX, _HEADER_PX, _CELL_PX = 8, 34, 18  # average glyph; header sort arrow + padding; cell padding
@@ -210,7 +219,7 @@ class LayerTable(_StateView):
         paged = len(table) > self.PAGE_SIZE  # the browser lays out one page, not every row
         self.widget = pn.widgets.Tabulator(
             table, header_filters=True, selectable=1, disabled=True, sortable=True,
-            formatters=dict(_FORMATTERS), titles=dict(_TITLES), frozen_columns=["layer"],
+            formatters=_formatters(), titles=dict(_TITLES), frozen_columns=["layer"],
             widths=column_widths(table),
             pagination="local" if paged else None, page_size=self.PAGE_SIZE if paged else None,
             layout="fit_data_table", sizing_mode="stretch_width", label="layers")
@@ -325,11 +334,11 @@ class LayerView(_StateView):
         if layer is None:
             return "No layer selected."
         r = self.state.row(layer)
-        parts = [f"**{layer}**", str(r.get("type", "")), f"{r.get('dtype', '')} {r.get('qscheme', '')}".strip(),
+        parts = [str(r.get("type", "")), f"{r.get('dtype', '')} {r.get('qscheme', '')}".strip(),
                  str(r.get("observer", "")), f"weight {r.get('weight_dtype', '')} {r.get('weight_qscheme', '')}".strip()]
         parts += [f"{c.split('_')[0]} SQNR {_number(r.get(c)):.2f} dB" for c in _SQNR_COLUMNS
                   if math.isfinite(_number(r.get(c)))]
-        return " · ".join(p for p in parts if p)
+        return " · ".join([f"**{md(layer)}**", *(md(p) for p in parts if p)])
 
     def _histogram_figure(self):
         layer = self.state.selected_layer
@@ -412,8 +421,8 @@ class ConfigEditor(_StateView):
             if editable.get(field):
                 widget.options = list(editable[field])
         flow = getattr(getattr(self.state.session, "flow", None), "name", "this flow")
-        self.flow_note.object = (f"flow {flow}: only {', '.join(editable)} apply here; other options "
-                                 "need a session of your own quantizer or flow")
+        self.flow_note.object = md(f"flow {flow}: only {', '.join(editable)} apply here; other options "
+                                   "need a session of your own quantizer or flow")
 
     def _toggle_percentile(self, *_):
         editable = self.state.editable
@@ -426,7 +435,7 @@ class ConfigEditor(_StateView):
 
     def _load_layer(self, *_):
         layer = self.state.selected_layer
-        self.heading.object = f"Configure **{layer}**" if layer else "Configure"
+        self.heading.object = f"Configure **{md(layer)}**" if layer else "Configure"
         if layer is not None:
             self.param.update(**self.state.layer_config(layer))
 
