@@ -9,6 +9,7 @@ records with numpy arrays), so a session saves to a file and loads without the m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 import warnings
 from collections.abc import Iterable
@@ -220,7 +221,7 @@ class Session:
         self._run_plan = self.plan.with_changes({n: {"dtype": "int8"} for n in float_now})
         if float_now and self.flow.name == "eager":  # eager needs stubs: wrap the layers now
             target, self.plan = self.plan, self._run_plan
-            self._apply_plan(target)
+            self._apply_plan(target, [*self._history, self.plan])
 
     def _handed_over(self) -> bool:
         return getattr(self.flow, "handed_over", False)
@@ -285,8 +286,7 @@ class Session:
         else:
             target = self.plan.with_changes(changes)
         with quiet_torch(), quantized_engine(self.backend):
-            self._apply_plan(target)
-            self.results = self._build_results()
+            self._apply_plan(target, [*self._history, self.plan])
         return self
 
     def _why_no_apply(self) -> str:
@@ -299,7 +299,15 @@ class Session:
         return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
                 "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
 
-    def _apply_plan(self, target: Plan) -> None:
+    def _apply_plan(self, target: Plan, history: list[Plan]) -> None:
+        """Re-convert to ``target`` as one transaction, ``history`` the undo list after it.
+
+        Everything new (model, per-layer figures, weights, records, plan, results) is computed
+        into locals and committed by one ``__dict__.update``; until then the session is
+        untouched, and the modules swapped into the live quantized model (eager, torchao) are
+        swapped back on any exception, KeyboardInterrupt included: an interrupted apply()
+        leaves the session exactly as it was.
+        """
         changed = self.plan.diff(target)
         if not changed:
             return
@@ -312,35 +320,43 @@ class Session:
         structural = self.flow.name == "fx" and any(
             (target[n].dtype == "float") != (self.plan[n].dtype == "float") for n in changed
         )
-        previous = {}
-        if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
-            quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
-        elif structural:
-            quantized = self._reconvert_fx(target)
-        else:
-            quantized = self._quantized
-            built = {n: self._rebuild(n, target[n]) for n in changed}
-            previous = {n: _swap(quantized, n, m) for n, m in built.items()}
+        swapped, quantized = {}, self._quantized  # layer -> the module that was there
         try:
+            if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
+                quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
+            elif structural:
+                quantized = self._reconvert_fx(target)
+            else:
+                built = {n: self._rebuild(n, target[n]) for n in changed}
+                for n, m in built.items():
+                    swapped[n] = quantized.get_submodule(n)  # noted before the swap, so undone after
+                    _swap(quantized, n, m)
             first = min(self._comparator.order.index(n) for n in changed)
             per_layer, figures = self._comparator.compare(
                 quantized, self._comparator.order[first:], hook_names=_float_layer_hooks(quantized, self._layers)
             )
+            weights, records = dict(self._weights), dict(self._records)
+            for n in changed:
+                if target[n].dtype != "float":
+                    module = quantized.get_submodule(n)
+                    weights[n] = weight_record(module, self._reference.get_submodule(n))
+                    record = self._output_record(n)
+                    if record is not None and hasattr(module, "scale"):
+                        records[record.name] = _output_record_for(record, module, target[n])
+            new = {
+                "_quantized": quantized, "_weights": weights, "_records": records,
+                "_per_layer": {**self._per_layer, **per_layer}, "_model_figures": figures,
+                "_history": history, "plan": target,
+                "_left_float": [n for n in self._left_float if n not in changed or target[n].dtype == "float"],
+            }
+            staged = copy.copy(self)  # the session as it will be, to build its results from
+            staged.__dict__.update(new)
+            new["results"] = staged._build_results()
         except BaseException:
-            for n, m in previous.items():
+            for n, m in swapped.items():
                 _swap(quantized, n, m)
             raise
-        self._quantized = quantized
-        for n in changed:
-            if target[n].dtype != "float":
-                module = quantized.get_submodule(n)
-                self._weights[n] = weight_record(module, self._reference.get_submodule(n))
-                self._update_output_record(n, module, target[n])
-        self._per_layer.update(per_layer)
-        self._model_figures = figures
-        self._history.append(self.plan)
-        self._left_float = [n for n in self._left_float if n not in changed or target[n].dtype == "float"]
-        self.plan = target
+        self.__dict__.update(new)  # the commit: one step, nothing after it can fail
 
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
@@ -388,17 +404,6 @@ class Session:
         else:
             raise ConfigError(f"layer {layer!r} has no recorded output statistics to rebuild it from")
         return build_layer(self._reference.get_submodule(layer), config, self.backend, qparams)
-
-    def _update_output_record(self, layer: str, module, config) -> None:
-        record = self._output_record(layer)
-        if record is None or not hasattr(module, "scale"):
-            return
-        record.arrays = dict(record.arrays, scale=np.array([float(module.scale)]),
-                             zero_point=np.array([float(module.zero_point)]))
-        observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
-                    or config.activation)
-        record.info = dict(record.info, observer=observer, quant_min=0,
-                           quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
 
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
                ladder=None, callback=None):
@@ -496,9 +501,14 @@ class Session:
         """Go back to the plan in force before the last apply()."""
         if not self._history:
             raise QvizError("nothing to undo: no plan was applied in this session")
-        previous = self._history.pop()
-        self.apply(previous)
-        self._history.pop()
+        if not self.can_apply:
+            raise ConfigError(self._why_no_apply())
+        target, history = self._history[-1], self._history[:-1]
+        if not self.plan.diff(target):
+            self._history = history
+            return self
+        with quiet_torch(), quantized_engine(self.backend):  # the history changes with the plan, or not at all
+            self._apply_plan(target, history)
         return self
 
     @staticmethod
@@ -564,6 +574,19 @@ class Session:
 def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str]:
     """Measure a float layer inside its wrapper, before its output is quantized again."""
     return {n: f"{n}.module" for n in layers if isinstance(quantized.get_submodule(n), FloatLayer)}
+
+
+def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointRecord:
+    """A copy of a layer's output record with the qparams and observer of its rebuilt module."""
+    observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
+                or config.activation)
+    return dataclasses.replace(
+        record,
+        arrays=dict(record.arrays, scale=np.array([float(module.scale)]),
+                    zero_point=np.array([float(module.zero_point)])),
+        info=dict(record.info, observer=observer, quant_min=0,
+                  quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255)),
+    )
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

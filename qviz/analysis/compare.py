@@ -173,8 +173,11 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     return rec
 
 
-def _register(model: nn.Module, names: list[str], hook) -> list:
-    return [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+def _register(model: nn.Module, names: list[str], hook, handles: list) -> None:
+    """Register into ``handles`` one by one (inside the caller's try: an interrupt between two
+    registrations leaves none behind)."""
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
 
 
 class Comparator:
@@ -206,8 +209,9 @@ class Comparator:
                     self.order.append(name)
             return hook
 
-        handles = _register(self.reference, self.layers, record)
+        handles = []
         try:
+            _register(self.reference, self.layers, record, handles)
             final = _float(_first_tensor(self.call(self.reference, args, i)))
         finally:
             for h in handles:
@@ -251,9 +255,10 @@ class Comparator:
             return hook
 
         hook_names = hook_names or {}
-        handles = [quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(record_quantized(n))
-                   for n in measure]
+        handles = []
         try:
+            for n in measure:
+                handles.append(quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(record_quantized(n)))
             with torch.no_grad():
                 for i, batch in enumerate(self.batches):
                     args = as_args(batch)
