@@ -161,6 +161,12 @@ class Session:
             self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
             layers, left_float = getattr(self.flow, "find_layers", find_layers)(quantized, reference)
+            if not layers and not left_float:
+                raise ConfigError(
+                    f"no layer of this model was quantized by flow={self.flow.name!r}: qviz measures "
+                    f"layers with weights, and this flow quantizes {_QUANTIZES.get(self.flow.name, 'no type it knows here')}."
+                    " Is the model made of such modules (not functional calls on tensors of its own)?"
+                )
             self._reference, self._quantized, self._records = reference, quantized, records
             self._layers, self._left_float = layers + left_float, left_float
             self._comparator = Comparator(
@@ -169,6 +175,7 @@ class Session:
             )
             self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
+            self._warn_nonfinite()
             self._float_size = serialized_size(self._model)
             self._float_latency_ms = median_latency_ms(reference, self._eval[0]) if self.latency else None
             self._init_plan()
@@ -466,7 +473,9 @@ class Session:
         they are. Kept in ``results.sensitivity`` for save() and report(); ``eval_fn(model)``
         (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers;
         ``callback(done, total)`` follows the layers (a progress bar); ``variants`` limits the
-        figures measured (e.g. ``("quantize_only",)``, a quarter of the work)."""
+        figures measured (e.g. ``("quantize_only",)``, a quarter of the work). An ``eval_fn``
+        failing on some layers raises :class:`qviz.SweepError` once the others are measured,
+        their figures in its ``.partial``; layers whose figure is NaN rank last, with a warning."""
         results = self._results()
         if self._model is None:
             metric = None if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
@@ -510,6 +519,24 @@ class Session:
         with quiet_torch(), quantized_engine(self.backend):  # the history changes with the plan, or not at all
             self._apply_plan(target, history)
         return self
+
+    def _warn_nonfinite(self) -> None:
+        """One warning naming the layers with NaN/Inf float weights and the evaluation batches
+        with NaN/Inf inputs: figures measured through them (SQNR NaN) say nothing about
+        quantization. Top-1 agreement leaves out the samples whose outputs are not finite."""
+        layers = [n for n, w in self._weights.items()
+                  if "float_weight" in w and not bool(torch.isfinite(w["float_weight"]).all())]
+        batches = [i for i, args in enumerate(self._eval) if any(
+            isinstance(a, torch.Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()) for a in args)]
+        found = ([f"the float weights of {', '.join(layers)}"] if layers else []) + (
+            [f"eval_data batch(es) {', '.join(map(str, batches))}"] if batches else [])
+        if found:
+            warnings.warn(
+                f"NaN/Inf values in {' and in '.join(found)}: output SQNR and errors measured through "
+                "them are NaN, and top1_agreement counts only samples with finite outputs. Fix the "
+                "model's weights or the data (the nonfinite column counts NaN/Inf seen at calibration)",
+                stacklevel=3,
+            )
 
     @staticmethod
     def _warn_left_float(left_float: list[str]) -> None:
@@ -569,6 +596,16 @@ class Session:
         session.plan, session.progress, session.results = None, False, results
         session._history = []
         return session
+
+
+_QUANTIZES = {  # what each built-in flow quantizes, for the message of a model with none of it
+    "fx": "nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
+          "and functional linear/conv on the model's parameters",
+    "eager": "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub",
+    "dynamic": "nn.Linear and nn.LSTM",
+    "pt2e": "linear and conv ops (X86InductorQuantizer's default config)",
+    "torchao": "nn.Linear",
+}
 
 
 def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str]:

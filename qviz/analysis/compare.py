@@ -267,9 +267,10 @@ class Comparator:
                     ref_out.update(outputs)
                     y = _float(_first_tensor(self.call(quantized, args, i)))
                     model_acc.add(x, y)
-                    if x.dim() == 2 and x.shape[1] > 1:
-                        agree += int((x.argmax(1) == y.argmax(1)).sum())
-                        total += x.shape[0]
+                    if x.dim() == 2 and x.shape[1] > 1:  # class scores; rows with NaN/Inf do not count
+                        finite = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)
+                        agree += int((x.argmax(1) == y.argmax(1))[finite].sum())
+                        total += int(finite.sum())
         finally:
             for h in handles:
                 h.remove()
