@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import pathlib
 import warnings
 from collections.abc import Iterable
@@ -524,8 +525,8 @@ class Session:
         """One warning naming the layers with NaN/Inf float weights and the evaluation batches
         with NaN/Inf inputs: figures measured through them (SQNR NaN) say nothing about
         quantization. Top-1 agreement leaves out the samples whose outputs are not finite."""
-        layers = [n for n, w in self._weights.items()
-                  if "float_weight" in w and not bool(torch.isfinite(w["float_weight"]).all())]
+        layers = [n for n, w in self._weights.items()  # a NaN/Inf weight makes weight_sqnr NaN: look there only
+                  if "float_weight" in w and math.isnan(w["weight_sqnr"]) and not bool(torch.isfinite(w["float_weight"]).all())]
         batches = [i for i, args in enumerate(self._eval) if any(
             isinstance(a, torch.Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()) for a in args)]
         found = ([f"the float weights of {', '.join(layers)}"] if layers else []) + (

@@ -27,6 +27,6 @@ def test_a_local_cluster_of_worker_processes_gives_the_serial_figures():
         assert len(pids) == 2 and os.getpid() not in pids  # two processes of their own
         with distributed.get_task_stream(client) as tasks:
             spread = s.sensitivity(executor=client.get_executor()).to_dataframe()
-    units = [t for t in tasks.data if "_measure_chunk" in t["key"]]
-    assert len(units) == 2 and {t["worker"] for t in units} == set(client.scheduler_info()["workers"])
+        units = [t for t in tasks.data if "_measure_chunk" in t["key"]]  # the work ran on both workers
+        assert len(units) == 2 and {t["worker"] for t in units} == set(client.scheduler_info()["workers"])
     pd.testing.assert_frame_equal(spread, serial, check_exact=True)
