@@ -11,6 +11,7 @@ from qviz.errors import (  # noqa: E402
     ModelError,
     QvizError,
     SessionFileError,
+    SweepError,
 )
 from qviz.plan import LayerConfig, Plan  # noqa: E402
 from qviz.session import Session, load  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "QvizError",
     "Session",
     "SessionFileError",
+    "SweepError",
     "__version__",
     "load",
     "watch",

@@ -19,3 +19,12 @@ class ConfigError(QvizError):
 
 class SessionFileError(QvizError):
     """A session file that is truncated, corrupted, of another format or of an unknown version."""
+
+
+class SweepError(QvizError):
+    """A sensitivity sweep in which ``eval_fn`` failed on some layers (the first failure is the
+    ``__cause__``): ``.layers`` names them, ``.partial`` is the Sensitivity of all the others."""
+
+    def __init__(self, message: str, partial=None, layers=()):
+        super().__init__(message)
+        self.partial, self.layers = partial, list(layers)

@@ -9,6 +9,8 @@ records with numpy arrays), so a session saves to a file and loads without the m
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import pathlib
 import warnings
 from collections.abc import Iterable
@@ -198,6 +200,12 @@ class Session:
             self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
             layers, left_float = getattr(self.flow, "find_layers", find_layers)(quantized, reference)
+            if not layers and not left_float:
+                raise ConfigError(
+                    f"no layer of this model was quantized by flow={self.flow.name!r}: qviz measures "
+                    f"layers with weights, and this flow quantizes {_QUANTIZES.get(self.flow.name, 'no type it knows here')}."
+                    " Is the model made of such modules (not functional calls on tensors of its own)?"
+                )
             self._reference, self._quantized, self._records = reference, quantized, records
             self._layers, self._left_float = layers + left_float, left_float
             self._comparator = Comparator(
@@ -209,6 +217,7 @@ class Session:
             )
             self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
+            self._warn_nonfinite()
             self._float_size = serialized_size(self._model)
             self._float_latency_ms = median_latency_ms(reference, self._eval[0]) if self.latency else None
             self._init_plan()
@@ -261,7 +270,7 @@ class Session:
         self._run_plan = self.plan.with_changes({n: {"dtype": "int8"} for n in float_now})
         if float_now and self.flow.name == "eager":  # eager needs stubs: wrap the layers now
             target, self.plan = self.plan, self._run_plan
-            self._apply_plan(target)
+            self._apply_plan(target, [*self._history, self.plan])
 
     def _handed_over(self) -> bool:
         return getattr(self.flow, "handed_over", False)
@@ -346,8 +355,7 @@ class Session:
         else:
             target = self.plan.with_changes(changes)
         with quiet_torch(), quantized_engine(self.backend):
-            self._apply_plan(target)
-            self.results = self._build_results()
+            self._apply_plan(target, [*self._history, self.plan])
         return self
 
     def _why_no_apply(self) -> str:
@@ -360,7 +368,15 @@ class Session:
         return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
                 "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
 
-    def _apply_plan(self, target: Plan) -> None:
+    def _apply_plan(self, target: Plan, history: list[Plan]) -> None:
+        """Re-convert to ``target`` as one transaction, ``history`` the undo list after it.
+
+        Everything new (model, per-layer figures, weights, records, plan, results) is computed
+        into locals and committed by one ``__dict__.update``; until then the session is
+        untouched, and the modules swapped into the live quantized model (eager, torchao) are
+        swapped back on any exception, KeyboardInterrupt included: an interrupted apply()
+        leaves the session exactly as it was.
+        """
         changed = self.plan.diff(target)
         if not changed:
             return
@@ -374,37 +390,46 @@ class Session:
             (target[n].dtype == "float") != (self.plan[n].dtype == "float")
             or isinstance(modules[n], FunctionalLayer) for n in changed
         )
-        previous = {}
-        if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
-            quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
-        elif structural:
-            quantized = self._reconvert_fx(target)
-        else:
-            quantized = self._quantized
-            built = {n: self._rebuild(n, target[n]) for n in changed}
-            previous = {n: _swap(quantized, n, m) for n, m in built.items()}
+        swapped, quantized = {}, self._quantized  # layer -> the module that was there
         try:
+            if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
+                quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
+            elif structural:
+                quantized = self._reconvert_fx(target)
+            else:
+                built = {n: self._rebuild(n, target[n]) for n in changed}
+                for n, m in built.items():
+                    swapped[n] = quantized.get_submodule(n)  # noted before the swap, so undone after
+                    _swap(quantized, n, m)
             first = min(self._comparator.order.index(n) for n in changed)
             per_layer, figures = self._comparator.compare(
                 quantized, self._comparator.order[first:], hook_names=_float_layer_hooks(quantized, self._layers)
             )
+            weights, records = dict(self._weights), dict(self._records)
+            for n in changed:
+                if target[n].dtype != "float":
+                    module = quantized.get_submodule(n)
+                    weights[n] = weight_record(module, self._reference.get_submodule(n))
+                    record = self._output_record(n)
+                    if record is not None and hasattr(module, "scale"):
+                        records[record.name] = _output_record_for(record, module, target[n])
+            still_float = (set(self.flow.find_layers(quantized, self._reference)[1])
+                           if hasattr(self.flow, "find_layers") else set())
+            new = {
+                "_quantized": quantized, "_weights": weights, "_records": records,
+                "_per_layer": {**self._per_layer, **per_layer}, "_model_figures": figures,
+                "_history": history, "plan": target,
+                "_left_float": [n for n in self._left_float
+                                if n not in changed or target[n].dtype == "float" or n in still_float],
+            }
+            staged = copy.copy(self)  # the session as it will be, to build its results from
+            staged.__dict__.update(new)
+            new["results"] = staged._build_results()
         except BaseException:
-            for n, m in previous.items():
+            for n, m in swapped.items():
                 _swap(quantized, n, m)
             raise
-        self._quantized = quantized
-        for n in changed:
-            if target[n].dtype != "float":
-                module = quantized.get_submodule(n)
-                self._weights[n] = weight_record(module, self._reference.get_submodule(n))
-                self._update_output_record(n, module, target[n])
-        self._per_layer.update(per_layer)
-        self._model_figures = figures
-        self._history.append(self.plan)
-        still_float = set(self.flow.find_layers(quantized, self._reference)[1]) if hasattr(self.flow, "find_layers") else set()
-        self._left_float = [n for n in self._left_float
-                            if n not in changed or target[n].dtype == "float" or n in still_float]
-        self.plan = target
+        self.__dict__.update(new)  # the commit: one step, nothing after it can fail
 
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
@@ -497,17 +522,6 @@ class Session:
             raise ConfigError(f"layer {layer!r} has no recorded output statistics to rebuild it from")
         return build_layer(self._reference.get_submodule(layer), config, self.backend, qparams)
 
-    def _update_output_record(self, layer: str, module, config) -> None:
-        record = self._output_record(layer)
-        if record is None or not hasattr(module, "scale"):
-            return
-        record.arrays = dict(record.arrays, scale=np.array([float(module.scale)]),
-                             zero_point=np.array([float(module.zero_point)]))
-        observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
-                    or config.activation)
-        record.info = dict(record.info, observer=observer, quant_min=0,
-                           quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255))
-
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
                ladder=None, callback=None):
         """A mixed-precision plan meeting the target at the least weight size (see
@@ -569,7 +583,9 @@ class Session:
         they are. Kept in ``results.sensitivity`` for save() and report(); ``eval_fn(model)``
         (higher is better) replaces the output SQNR; ``executor`` spreads layers over workers;
         ``callback(done, total)`` follows the layers (a progress bar); ``variants`` limits the
-        figures measured (e.g. ``("quantize_only",)``, a quarter of the work)."""
+        figures measured (e.g. ``("quantize_only",)``, a quarter of the work). An ``eval_fn``
+        failing on some layers raises :class:`qviz.SweepError` once the others are measured,
+        their figures in its ``.partial``; layers whose figure is NaN rank last, with a warning."""
         results = self._results()
         if self._model is None:
             metric = None if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
@@ -605,10 +621,33 @@ class Session:
         """Go back to the plan in force before the last apply()."""
         if not self._history:
             raise QvizError("nothing to undo: no plan was applied in this session")
-        previous = self._history.pop()
-        self.apply(previous)
-        self._history.pop()
+        if not self.can_apply:
+            raise ConfigError(self._why_no_apply())
+        target, history = self._history[-1], self._history[:-1]
+        if not self.plan.diff(target):
+            self._history = history
+            return self
+        with quiet_torch(), quantized_engine(self.backend):  # the history changes with the plan, or not at all
+            self._apply_plan(target, history)
         return self
+
+    def _warn_nonfinite(self) -> None:
+        """One warning naming the layers with NaN/Inf float weights and the evaluation batches
+        with NaN/Inf inputs: figures measured through them (SQNR NaN) say nothing about
+        quantization. Top-1 agreement leaves out the samples whose outputs are not finite."""
+        layers = [n for n, w in self._weights.items()  # a NaN/Inf weight makes weight_sqnr NaN: look there only
+                  if "float_weight" in w and math.isnan(w["weight_sqnr"]) and not bool(torch.isfinite(w["float_weight"]).all())]
+        batches = [i for i, args in enumerate(self._eval) if any(
+            isinstance(a, torch.Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()) for a in args)]
+        found = ([f"the float weights of {', '.join(layers)}"] if layers else []) + (
+            [f"eval_data batch(es) {', '.join(map(str, batches))}"] if batches else [])
+        if found:
+            warnings.warn(
+                f"NaN/Inf values in {' and in '.join(found)}: output SQNR and errors measured through "
+                "them are NaN, and top1_agreement counts only samples with finite outputs. Fix the "
+                "model's weights or the data (the nonfinite column counts NaN/Inf seen at calibration)",
+                stacklevel=3,
+            )
 
     @staticmethod
     def _warn_left_float(left_float: list[str]) -> None:
@@ -702,9 +741,32 @@ class Session:
         return session
 
 
+_QUANTIZES = {  # what each built-in flow quantizes, for the message of a model with none of it
+    "fx": "nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
+          "and functional linear/conv on the model's parameters",
+    "eager": "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub",
+    "dynamic": "nn.Linear and nn.LSTM",
+    "pt2e": "linear and conv ops (X86InductorQuantizer's default config)",
+    "torchao": "nn.Linear",
+}
+
+
 def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str]:
     """Measure a float layer inside its wrapper, before its output is quantized again."""
     return {n: f"{n}.module" for n in layers if isinstance(quantized.get_submodule(n), FloatLayer)}
+
+
+def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointRecord:
+    """A copy of a layer's output record with the qparams and observer of its rebuilt module."""
+    observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
+                or config.activation)
+    return dataclasses.replace(
+        record,
+        arrays=dict(record.arrays, scale=np.array([float(module.scale)]),
+                    zero_point=np.array([float(module.zero_point)])),
+        info=dict(record.info, observer=observer, quant_min=0,
+                  quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255)),
+    )
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -365,3 +365,28 @@ def test_sessions_prepared_on_threads_at_once_do_not_break_each_other():
     assert len(frames) == 4
     for frame in frames:
         pd.testing.assert_frame_equal(frame, alone)
+
+
+def test_convert_reuses_the_histogram_observers_qparams(monkeypatch):
+    """HistogramObserver's qparam search runs once per observer (qviz's record and convert share
+    it), and the converted model has the qparams plain torch's prepare/calibrate/convert gives."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.observer import HistogramObserver
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model, data = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(16, 8)
+    with torch.no_grad():
+        plain = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (data,))
+        plain(data)
+        plain = convert_fx(plain)
+    searches = []
+    search = HistogramObserver._non_linear_param_search
+    monkeypatch.setattr(HistogramObserver, "_non_linear_param_search",
+                        lambda self: (searches.append(id(self)), search(self))[1])
+    s = qviz.Session(model, [data], progress=False).run()
+    observers = [r for r in s._records.values() if r.info.get("observer") == "HistogramObserver"]
+    assert observers and len(searches) == len(observers)  # once per observer, not again in convert
+    for name in ("0", "2"):
+        ours, theirs = s.quantized_model().get_submodule(name), plain.get_submodule(name)
+        assert (float(ours.scale), int(ours.zero_point)) == (float(theirs.scale), int(theirs.zero_point))

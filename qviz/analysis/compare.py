@@ -240,8 +240,11 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     return rec
 
 
-def _register(model: nn.Module, names: list[str], hook) -> list:
-    return [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+def _register(model: nn.Module, names: list[str], hook, handles: list) -> None:
+    """Register into ``handles`` one by one (inside the caller's try: an interrupt between two
+    registrations leaves none behind)."""
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(hook(n)))
 
 
 class Comparator:
@@ -277,8 +280,9 @@ class Comparator:
                     self.order.append(name)
             return hook
 
-        handles = _register(self.reference, self.layers, record)
+        handles = []
         try:
+            _register(self.reference, self.layers, record, handles)
             raw = self.call(self.reference, batch, i)
         finally:
             for h in handles:
@@ -329,9 +333,11 @@ class Comparator:
             return hook
 
         hook_names = hook_names or {}
-        handles = [quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(
-            record_quantized(n), with_kwargs=True) for n in measure]
+        handles = []
         try:
+            for n in measure:
+                handles.append(quantized.get_submodule(hook_names.get(n, n)).register_forward_hook(
+                    record_quantized(n), with_kwargs=True))
             with torch.no_grad():
                 for i, batch in enumerate(self.batches):
                     outputs, x, scores = self._reference_outputs(i, batch)
@@ -339,9 +345,10 @@ class Comparator:
                     ref_out.update(outputs)
                     y = model_output(self.call(quantized, batch, i), self.output_fn)
                     model_acc.add(x, y)
-                    if scores:
-                        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
-                        total += x.numel() // x.shape[-1]
+                    if scores:  # rows (or tokens) with NaN/Inf scores do not count
+                        finite = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)
+                        agree += int((x.argmax(-1) == y.argmax(-1))[finite].sum())
+                        total += int(finite.sum())
         finally:
             for h in handles:
                 h.remove()

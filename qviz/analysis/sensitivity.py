@@ -27,12 +27,14 @@ rebuilds its own caches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import operator
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from qviz.analysis.compare import _float, choose_output, model_output, quantized_weights
 from qviz.analysis.metrics import ErrorAccumulator
-from qviz.errors import ConfigError
+from qviz.errors import ConfigError, QvizError, SweepError
 from qviz.flows import quantized_engine
 from qviz.flows.base import call_model, positional
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
@@ -68,10 +70,16 @@ class Sensitivity:
 
     metric: str
     frame: pd.DataFrame = field(repr=False)
+    failed: dict[str, str] = field(default_factory=dict)  # layer -> why eval_fn failed on it
+    nonfinite: tuple[str, ...] = ()  # layers whose metric came out NaN/Inf (ranked last)
 
     def to_dataframe(self) -> pd.DataFrame:
         frame = self.frame.copy()
         frame.attrs["metric"] = self.metric
+        if self.failed:
+            frame.attrs["failed"] = dict(self.failed)
+        if self.nonfinite:
+            frame.attrs["nonfinite"] = list(self.nonfinite)
         return frame
 
     @classmethod
@@ -201,27 +209,31 @@ def _nbytes(values) -> int:
     return sum(t.nelement() * t.element_size() for t in tensors.values())
 
 
-class _swapped:
-    """``with _swapped(model, {name: module}):`` the modules in place, the old ones back after."""
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
-    def __init__(self, model: nn.Module, swaps: dict):
-        self.model, self.swaps, self.old = model, swaps, {}
 
-    def _put(self, name, module):
-        parent, _, attr = name.rpartition(".")
-        owner = self.model.get_submodule(parent)
-        old = getattr(owner, attr)
-        setattr(owner, attr, module)
-        return old
-
-    def __enter__(self):
-        for name, module in self.swaps.items():
-            self.old[name] = self._put(name, module)
-        return self.model
-
-    def __exit__(self, *exc):
-        for name, module in self.old.items():
-            self._put(name, module)
+@contextlib.contextmanager
+def _swapped(model: nn.Module, swaps: dict):
+    """``with _swapped(model, {name: module}):`` the modules in place, the old ones back after,
+    whatever is raised (KeyboardInterrupt included, in the block or while putting them back)."""
+    old = {}
+    try:
+        for name, module in swaps.items():
+            old[name] = model.get_submodule(name)  # noted first, so always put back
+            _put(model, name, module)
+        yield model
+    finally:
+        interrupted = None
+        while old:  # an interrupt while putting back: finish putting back, then raise it
+            try:
+                _put(model, *next(iter(old.items())))
+                old.pop(next(iter(old)))
+            except BaseException as exc:  # noqa: B036 - re-raised below
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
 
 class _Runner:
@@ -289,16 +301,25 @@ def _specs(quantized: nn.Module, layers: list[str], batches: list) -> dict[str, 
             seen.setdefault(name, (_qparams(args[0]) if args else None, _qparams(output)))
         return record
 
-    handles = [quantized.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
-    try:
+    handles = []
+    try:  # registered inside the try: an interrupt between two registrations leaves no hook
+        for n in layers:
+            handles.append(quantized.get_submodule(n).register_forward_hook(hook(n)))
         with TRACE_LOCK.running():
             for batch in batches:
                 if len(seen) == len(layers):
                     break
                 call_model(quantized, batch)
     finally:
-        for h in handles:
-            h.remove()
+        interrupted = None
+        while handles:  # an interrupt while removing: finish removing, then raise it
+            try:
+                handles[-1].remove()
+                handles.pop()
+            except BaseException as exc:  # noqa: B036 - re-raised below
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
     specs = {}
     for n in layers:
         inp, out = seen.get(n, (None, None))
@@ -339,7 +360,7 @@ class _Sweep:
         """The metric of model ``which`` ("reference" or "quantized") with ``swaps`` in place."""
         if self.eval_fn is not None:
             with _swapped(getattr(self, which), swaps) as model, TRACE_LOCK.running():
-                return float(self.eval_fn(model))
+                return _number(self.eval_fn(model))
         acc, ref, run = ErrorAccumulator(), self.runner("reference"), self.runner(which)
         with TRACE_LOCK.running():
             for i in range(len(self.batches)):
@@ -365,9 +386,34 @@ class _Sweep:
                 found[name] = self.metric(which, {layer: module})
         return found
 
-    def measure_all(self, layers: list[str], variants=VARIANTS) -> dict[str, dict[str, float]]:
+    def measure_all(self, layers: list[str], variants=VARIANTS) -> tuple[dict, dict]:
+        """(layer -> figures, layer -> the exception ``eval_fn`` raised on it): a layer whose
+        eval_fn fails is set aside and the others are measured."""
+        rows, failed = {}, {}
         with quiet_torch(), quantized_engine(self.backend), torch.no_grad():
-            return {n: self.measure(n, variants) for n in layers}
+            for n in layers:
+                try:
+                    rows[n] = self.measure(n, variants)
+                except ConfigError:
+                    raise  # an eval_fn returning no number fails the same on every layer
+                except Exception as exc:  # noqa: BLE001 - the user's eval_fn, reported per layer
+                    if self.eval_fn is None:
+                        raise
+                    failed[n] = exc
+        return rows, failed
+
+
+def _number(value) -> float:
+    """eval_fn's result as a float: a real number or a one-element tensor/array."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, np.ndarray) and value.size == 1:
+        return float(value.item())
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return float(value)
+    shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+    raise ConfigError(
+        f"eval_fn(model) must return a number (higher is better), got {type(value).__name__}{shape}: "
+        "return e.g. accuracy as a float, or a one-element tensor"
+    )
 
 
 @one_trace_at_a_time  # unpickling a GraphModule traces it again
@@ -377,7 +423,7 @@ def _unpack(payload: bytes) -> _Sweep:
     return job
 
 
-def _measure_chunk(job: _Sweep, layers: list[str], variants) -> dict[str, dict[str, float]]:
+def _measure_chunk(job: _Sweep, layers: list[str], variants) -> tuple[dict, dict]:
     """An executor's work unit; in-process executors share the caller's objects, so they copy."""
     return (job if job.private else job.copy()).measure_all(layers, variants)
 
@@ -459,18 +505,24 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
     with quiet_torch(), quantized_engine(backend), torch.no_grad():
         job = _Sweep(reference, quantized, batches, _specs(quantized, work, batches), eval_fn,
                      backend, cache_bytes, output_fn)
-        float_metric = math.inf if eval_fn is None else job.metric("reference", {})
+        float_metric = math.inf if eval_fn is None else _float_metric(job)
         quantized_metric = job.metric("quantized", {}) if len(work) < len(layers) else math.nan
     rows = {n: {v: (quantized_metric if v == "skip_only" else float_metric) if v in variants else math.nan
                 for v in VARIANTS} for n in layers if n not in work}
+    failed: dict[str, BaseException] = {}
+
+    def done(part: tuple[dict, dict], bar) -> None:
+        rows.update(part[0])
+        failed.update(part[1])
+        bar.update(len(part[0]) + len(part[1]))
+        if callback is not None:
+            callback(len(rows) + len(failed) - len(layers) + len(work), len(work))
+
     with tqdm(total=len(work), desc="qviz: sensitivity", unit="layer", leave=False,
               disable=not progress) as bar:
         if executor is None:
             for n in work:
-                rows.update(job.measure_all([n], variants))
-                bar.update()
-                if callback is not None:
-                    callback(len(rows) - len(layers) + len(work), len(work))
+                done(job.measure_all([n], variants), bar)
         elif work:
             workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             count = min(len(work), workers)
@@ -478,19 +530,57 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
             # it, and tracing patches nn.Module.__call__ for every thread. (Not before forking a
             # process pool: OpenMP threads just used by the copy can hang the forked workers.)
             jobs = [job.copy() if isinstance(executor, ThreadPoolExecutor) else job for _ in range(count)]
-            futures = [executor.submit(_measure_chunk, unit, work[k::count], variants) for k, unit in enumerate(jobs)]
+            futures = _submit(executor, [(unit, work[k::count], variants) for k, unit in enumerate(jobs)])
             for future in as_completed(futures):
-                part = future.result()
-                rows.update(part)
-                bar.update(len(part))
-                if callback is not None:
-                    callback(len(rows) - len(layers) + len(work), len(work))
-    return ranked(rows, layers, metric, float_metric, by_sqnr=eval_fn is None)
+                done(future.result(), bar)
+    result = ranked({**rows, **{n: dict.fromkeys(VARIANTS, math.nan) for n in failed}}, layers, metric,
+                    float_metric, by_sqnr=eval_fn is None,
+                    failed={n: f"{type(e).__name__}: {e}" for n, e in failed.items()})
+    if failed:
+        names = [n for n in layers if n in failed]
+        first = failed[names[0]]
+        raise SweepError(
+            f"eval_fn failed on {len(names)} of {len(work)} layers ({', '.join(names)}); first on "
+            f"{names[0]!r}: {type(first).__name__}: {first}. The other layers' figures are in this "
+            "error's .partial (a Sensitivity; the failed layers NaN, in .partial.failed)",
+            partial=result, layers=names,
+        ) from first
+    return result
 
 
-def ranked(rows: dict, layers: list[str], metric: str, float_metric: float, *, by_sqnr: bool) -> Sensitivity:
+def _float_metric(job: _Sweep) -> float:
+    """eval_fn on the float model: the figure every layer is compared with; it must work."""
+    try:
+        value = job.metric("reference", {})
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's eval_fn, before any layer is measured
+        raise QvizError(f"eval_fn failed on the float model, before any layer was measured: "
+                        f"{type(exc).__name__}: {exc}. Fix eval_fn (it is called as eval_fn(model))") from exc
+    if math.isnan(value):
+        raise ConfigError("eval_fn returned NaN on the float model, so no layer can be ranked against "
+                          "it: check eval_fn and the data it evaluates on")
+    return value
+
+
+def _submit(executor, units: list[tuple]) -> list:
+    """The work units submitted to ``executor``, refused clearly when it cannot take them."""
+    try:
+        return [executor.submit(_measure_chunk, *unit) for unit in units]
+    except Exception as exc:  # noqa: BLE001 - any executor's own refusal (shut down, closed client)
+        raise QvizError(
+            f"executor= did not take the sweep's work ({type(exc).__name__}: {exc}): it is probably "
+            "shut down or its cluster closed; pass a running executor, or drop executor="
+        ) from exc
+
+
+def ranked(rows: dict, layers: list[str], metric: str, float_metric: float, *, by_sqnr: bool,
+           failed: dict[str, str] | None = None) -> Sensitivity:
     """The per-layer variant figures ``rows`` as a ranked :class:`Sensitivity`: what quantizing
-    the layer alone costs (``-quantize_only`` dB, or the drop of the user's metric), most first."""
+    the layer alone costs (``-quantize_only`` dB, or the drop of the user's metric), most first.
+    Layers whose figure is NaN (a NaN from eval_fn, non-finite outputs) rank last, with a warning
+    naming them; ``failed`` layers (eval_fn raised) rank last too, listed apart."""
+    failed = failed or {}
     frame = pd.DataFrame.from_dict({n: rows[n] for n in layers}, orient="index", columns=list(VARIANTS))
     frame = frame.astype(np.float64)
     frame["sensitivity"] = -frame["quantize_only"] if by_sqnr else float_metric - frame["quantize_only"]
@@ -498,4 +588,9 @@ def ranked(rows: dict, layers: list[str], metric: str, float_metric: float, *, b
     frame = frame.sort_values("sensitivity", ascending=False, kind="stable", na_position="last")
     frame.insert(0, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
     frame.index.name = "layer"
-    return Sensitivity(metric, frame)
+    nonfinite = tuple(n for n in frame.index[frame["quantize_only"].isna()] if n not in failed)
+    if nonfinite:
+        warnings.warn(f"the sensitivity of {len(nonfinite)} layer(s) is NaN, ranked last: "
+                      f"{', '.join(nonfinite)} ({metric} came out NaN with the layer quantized alone: "
+                      "non-finite outputs, or eval_fn returned NaN)", stacklevel=3)
+    return Sensitivity(metric, frame, failed=dict(failed), nonfinite=nonfinite)

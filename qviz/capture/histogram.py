@@ -77,14 +77,15 @@ class StreamingHistogram:
         return f"StreamingHistogram(bins={self.bins}, total={self.total}, min={self._min}, max={self._max})"
 
     # -- building ------------------------------------------------------------------------------
-    def update(self, x: torch.Tensor) -> None:
-        """Add the finite values of ``x`` (NaN/inf are skipped; the caller counts them)."""
+    def update(self, x: torch.Tensor, minmax: tuple[float, float] | None = None) -> None:
+        """Add the finite values of ``x`` (NaN/inf are skipped; the caller counts them).
+        ``minmax``: x's finite (min, max) when the caller has them already (one pass fewer)."""
         x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
         if x.device.type == "mps":  # no float64 there
             x = x.cpu()
-        mn, mx = torch.stack(torch.aminmax(x)).double().tolist()  # one sync
+        mn, mx = minmax if minmax is not None else torch.stack(torch.aminmax(x)).double().tolist()  # one sync
         if not (math.isfinite(mn) and math.isfinite(mx)):
             x = x[torch.isfinite(x)]
             if x.numel() == 0:

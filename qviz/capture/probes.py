@@ -10,6 +10,7 @@ appear in the ``nonfinite`` column. Hooks are removed in ``finally``, whatever h
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -103,6 +104,29 @@ def _numpy(value) -> np.ndarray:
     return value.detach().double().cpu().numpy().reshape(-1) if isinstance(value, torch.Tensor) else np.asarray([value], dtype=np.float64)
 
 
+def _histogram_state(observer) -> tuple[torch.Tensor, ...]:
+    return tuple(t.detach().clone() for t in (observer.histogram, observer.min_val, observer.max_val))
+
+
+def _kept_qparams(observer):
+    """The qparams :func:`_qparams_kept` computed, while the observer's state is the same."""
+    state, (scale, zero_point) = observer._qviz_qparams
+    if all(torch.equal(a, b) for a, b in zip(state, _histogram_state(observer), strict=True)):
+        return scale.clone(), zero_point.clone()
+    return type(observer).calculate_qparams(observer)
+
+
+def _qparams_kept(module: nn.Module):
+    """``module.calculate_qparams()``; a HistogramObserver keeps the result for convert to reuse
+    while its histogram and range are unchanged (a copy keeps it too): its search over 2048 bins
+    is slow, and convert would run it a second time for the same answer."""
+    result = module.calculate_qparams()
+    if isinstance(getattr(module, "histogram", None), torch.Tensor) and "_qviz_qparams" not in vars(module):
+        module._qviz_qparams = (_histogram_state(module), tuple(t.clone() for t in result))
+        module.calculate_qparams = types.MethodType(_kept_qparams, module)
+    return result
+
+
 def describe(record: PointRecord, module: nn.Module) -> PointRecord:
     """Fill ``record.info`` / ``record.arrays`` from the point's final state (duck typed)."""
     observer = getattr(module, "activation_post_process", module)
@@ -129,7 +153,7 @@ def describe(record: PointRecord, module: nn.Module) -> PointRecord:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                scale, zero_point = module.calculate_qparams()
+                scale, zero_point = _qparams_kept(module)
                 arrays["scale"], arrays["zero_point"] = _numpy(scale), _numpy(zero_point)
             except Exception:  # noqa: BLE001 - an observer with odd state must not stop the run
                 pass

@@ -74,7 +74,7 @@ class ActivationStats:
                 return
             x = finite
             mn, mx = _aminmax(x)
-        self._hist.update(x)
+        self._hist.update(x, (mn, mx))
         if len(self._call_min) < self.max_calls:
             self._call_min.append(mn)
             self._call_max.append(mx)
