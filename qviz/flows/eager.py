@@ -48,8 +48,10 @@ def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]
     A module joins a chain only when it is the sole user of the previous module's output, so
     fusing never changes what the model computes. Modules inside a fused module the user made
     (``fuse_modules``: ConvReLU2d, ...) are fused already and left alone. Returns [] when FX
-    cannot trace the model.
+    cannot trace the model. A copy is traced: tracing runs forward, and a forward may assign
+    to the model (a new ``self.relu``, say), which must not change the user's model.
     """
+    model = copy.deepcopy(model)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any tracing failure just means "no automatic fusion"
