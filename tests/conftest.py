@@ -93,3 +93,18 @@ def artifacts() -> Path:
     """test-artifacts/ at the repository root (gitignored): screenshots for humans."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(autouse=True)
+def torch_global_state_is_left_as_found():
+    """Each test leaves torch's grad mode and quantized engine as it found them: a leak (an
+    interrupt between ``torch.no_grad().__enter__`` and its ``__exit__``, say) would fail later,
+    unrelated tests with "does not require grad"."""
+    import torch
+
+    grad, engine = torch.is_grad_enabled(), torch.backends.quantized.engine
+    yield
+    leaked = (torch.is_grad_enabled(), torch.backends.quantized.engine) != (grad, engine)
+    torch.set_grad_enabled(grad)
+    torch.backends.quantized.engine = engine
+    assert not leaked, "the test changed torch's grad mode or quantized engine and left it so"

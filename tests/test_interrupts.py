@@ -243,8 +243,11 @@ def _steps_of_qviz(frame) -> bool:
 
 def interrupted_at(step, k: int) -> bool:
     """Run ``step()`` raising KeyboardInterrupt on entry to its k-th qviz function or module call;
-    True when the interrupt reached the caller (False: ``step`` completed)."""
+    True when the interrupt reached the caller (False: ``step`` completed). torch's grad mode and
+    quantized engine are put back afterwards: an interrupt on entry to ``no_grad().__exit__``
+    skips its restore, which no code can prevent (the restoring call can be interrupted too)."""
     seen = [0]
+    grad, engine = torch.is_grad_enabled(), torch.backends.quantized.engine
 
     def tracer(frame, event, arg):
         if event == "call" and _steps_of_qviz(frame):
@@ -260,6 +263,8 @@ def interrupted_at(step, k: int) -> bool:
         return True
     finally:
         sys.settrace(None)
+        torch.set_grad_enabled(grad)
+        torch.backends.quantized.engine = engine
     return False
 
 

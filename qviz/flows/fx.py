@@ -340,6 +340,7 @@ class FxFlow:
         self.handed_over = False
         self.plan = None
         self.functional: dict[str, FunctionalOp] = {}  # row name -> op, set at prepare
+        self.layer_subclasses: set[str] = set()  # set at prepare, see find_layers
 
     def use_plan(self, plan) -> None:
         """A plan given to the Session drives the first conversion (functional rows included)."""
@@ -359,6 +360,7 @@ class FxFlow:
             self.functional = {op.row: op for op in functional_ops(observed).values()}
             return observed
         _check_module_names(model)
+        self.layer_subclasses = _torch_layer_subclasses(model)
         if self.plan is not None:  # the functional rows' names come from a trace first
             self.functional = {op.row: op for op in functional_ops(
                 self._prepare(model, torch.ao.quantization.QConfigMapping(), example_inputs)).values()}
@@ -429,15 +431,17 @@ class FxFlow:
         return wrap_functional(convert_fx(copy.deepcopy(observed).eval()), functional_ops(observed))
 
     def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
-        """Module layers as everywhere (FX's bare holders of get_attr targets left out) plus
-        the functional rows."""
+        """Module layers as everywhere plus the functional rows. FX's bare holders of get_attr
+        targets are left out, except those of a torch layer subclass whose ops stay float
+        (timm's BatchNormAct2d calling F.batch_norm): that is a float row."""
         from qviz.analysis.compare import find_layers
 
         layers, left_float = find_layers(quantized, reference)
         functional = {n: m for n, m in quantized.named_modules() if isinstance(m, FunctionalLayer)}
 
         def module_row(name):
-            return name not in functional and type(quantized.get_submodule(name)) is not nn.Module
+            bare = type(quantized.get_submodule(name)) is nn.Module
+            return name not in functional and (not bare or name in self.layer_subclasses)
 
         return ([n for n in layers if module_row(n)] + [n for n, m in functional.items() if m.quantized],
                 [n for n in left_float if module_row(n)] + [n for n, m in functional.items() if not m.quantized])
@@ -445,6 +449,17 @@ class FxFlow:
     def check_plan(self, plan, modules: dict) -> None:
         """The plan's rules for a functional row are those of the module it stands for."""
         plan.check({n: m.equivalent if isinstance(m, FunctionalLayer) else m for n, m in modules.items()})
+
+
+def _torch_layer_subclasses(model: nn.Module) -> set[str]:
+    """Modules of the user's classes built on a torch layer (not a container): FX traces
+    through them, leaving bare holders that still stand for a layer."""
+    def torch_layer(cls):
+        return (cls.__module__.startswith("torch.nn.modules.")
+                and cls.__module__ != "torch.nn.modules.container" and cls is not nn.Module)
+
+    return {name for name, m in model.named_modules()
+            if not torch_layer(type(m)) and any(torch_layer(c) for c in type(m).__mro__[1:])}
 
 
 def _first_observer(observed: nn.Module, node) -> str | None:
