@@ -833,6 +833,18 @@ def _literal(text: str) -> str:
     return json.dumps(text)
 
 
+def _fx_entry(name: str, qconfig: str) -> str:
+    """The QConfigMapping line for one FX row: a module by name, or one functional call
+    (``"block.linear#1"``: the second ``F.linear`` in ``block``'s forward, ``"linear#0"`` in the
+    model's own) by FX's module / op / call-order key."""
+    if "#" not in name:
+        return f"mapping.set_module_name({_literal(name)}, {qconfig})"
+    path, index = name.rsplit("#", 1)
+    owner, _, op = path.rpartition(".")
+    return (f"mapping.set_module_name_object_type_order({_literal(owner)}, "
+            f"torch.nn.functional.{op}, {int(index)}, {qconfig})")
+
+
 _USAGE = {
     "fx": [
         "# Usage: torch.backends.quantized.engine = BACKEND",
@@ -912,10 +924,7 @@ class _CodeWriter:
                 "def build_qconfig_mapping():",
                 '    """The plan as a QConfigMapping for prepare_fx."""',
                 f"    mapping = QConfigMapping().set_global({glob})  # {rest} and all other ops",
-                *(
-                    f"    mapping.set_module_name({_literal(n)}, {r}){self.note(n)}"
-                    for n, r in changed
-                ),
+                *(f"    {_fx_entry(n, r)}{self.note(n)}" for n, r in changed),
                 "    return mapping",
             ]
         else:
@@ -941,7 +950,7 @@ class _CodeWriter:
             "Plain torch code: qviz is not needed to run it.",
             '"""',
             "",
-            *(["import torch"] if self.definitions else []),
+            *(["import torch"] if self.definitions or any("torch." in line for line in body) else []),
             *(["from torch.ao.quantization import ("] if self.imports else []),
             *(f"    {name}," for name in sorted(self.imports, key=str.lower)),
             *([")"] if self.imports else []),

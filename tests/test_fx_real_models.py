@@ -334,6 +334,23 @@ def test_a_plan_given_up_front_addresses_functional_rows_exactly():
     assert torch.equal(scratch.quantized_model()(calib[0]), live.quantized_model()(calib[0]))
 
 
+@pytest.mark.parametrize("changes", [{"block.linear#0": {"dtype": "float"}},
+                                     {"block.linear#1": {"weight": "per_tensor"}, "head": {"dtype": "float"}}])
+def test_to_code_addresses_functional_rows_as_plain_torch_runs_them(changes):
+    """The exported code, run by plain torch (prepare_fx, calibrate, convert_fx), computes what
+    the session's quantized model computes: a "#" row is that one call, not a module name."""
+    torch.manual_seed(0)
+    model, calib = FunctionalHead().eval(), _batches((16, 4))
+    session = qviz.Session(model, calib, progress=False).run().apply(changes)
+    code = session.plan.to_code()
+    assert "set_module_name_object_type_order(\"block\", torch.nn.functional.linear" in code
+    namespace: dict = {}
+    exec(compile(code, "plan.py", "exec"), namespace)
+    plain = _plain_output(model, calib, namespace["build_qconfig_mapping"]())
+    with torch.no_grad():
+        assert torch.equal(plain, session.quantized_model()(calib[0]))
+
+
 def _torch_test_models():
     """PyTorch's own quantization test models (torch.testing._internal), importable without
     expecttest (a test-only dependency of torch's that this venv lacks)."""
