@@ -26,6 +26,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 import qviz
 from qviz.errors import ModelError
 from tests.helpers import assert_unchanged, model_snapshot
+from tests.real_models import ChunkNet, ReusedReLU
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -100,35 +101,6 @@ class ConvNeXt(nn.Module):
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)).mean((2, 3)))
-
-
-class Chunked(nn.Module):
-    """chunk -> getitem nodes, one half through a conv, the other added back."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.conv2 = nn.Conv2d(4, 4, 1)
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        a, b = self.conv(x).chunk(2, 1)
-        return self.fc((self.conv2(a) + b).mean((2, 3)))
-
-
-class ReusedReLU(nn.Module):
-    """A residual block that calls one nn.ReLU twice."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = self.relu(self.conv1(x))
-        return self.fc(self.relu(self.conv2(y) + y).mean((2, 3)))
 
 
 class StdConv2d(nn.Conv2d):
@@ -401,7 +373,7 @@ def test_torch_quantization_test_models(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("make, shape, changes", [
     (ConvNeXt, (4, 3, 8, 8), ({"stages.0.0.fc2": {"dtype": "float"}}, {"stem": {"dtype": "float"}})),
-    (Chunked, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"conv2": {"weight": "per_tensor"}})),
+    (ChunkNet, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"conv2": {"weight": "per_tensor"}})),
     (ReusedReLU, (4, 3, 8, 8), ({"conv2": {"dtype": "float"}}, {"fc": {"activation": "minmax"}})),
     (FunctionalHead, (16, 4), ({"head": {"dtype": "float"}}, {"block.linear#0": {"weight": "per_tensor"}})),
     (StdConvNet, (4, 3, 8, 8), ({"conv": {"dtype": "float"}}, {"fc": {"dtype": "float"}})),
@@ -435,7 +407,7 @@ def test_points_new_at_reconversion_are_calibrated_and_said_so():
     """A first layer float from the start: making it int8 makes FX observe the model input and
     the conv's output, which calibration never saw."""
     torch.manual_seed(0)
-    model, calib = Chunked().eval(), _batches((4, 3, 8, 8))
+    model, calib = ChunkNet().eval(), _batches((4, 3, 8, 8))
     default = qviz.Session(model, calib, progress=False).run()
     plan = default.plan.with_changes({"conv": {"dtype": "float"}})
     session = qviz.Session(model, calib, plan=plan, progress=False).run()
