@@ -56,7 +56,7 @@ def floor_server():
     import pandas as pd
     import panel as pn
 
-    from qviz.ui.serve import free_port
+    from qviz.ui.serve import _wait_for_port, free_port
 
     def page():
         return pn.widgets.Tabulator(pd.DataFrame({"layer": list("abcdef"), "sqnr": range(6)}))
@@ -66,7 +66,7 @@ def floor_server():
                       threaded=True, websocket_origin=f"127.0.0.1:{port}",
                       unused_session_lifetime_milliseconds=idle_ms,
                       check_unused_sessions_milliseconds=min(idle_ms, 1000))
-    time.sleep(2.0)  # the thread binds the port shortly after it starts
+    _wait_for_port("127.0.0.1", port, thread)  # as qviz's own serve() waits
     thread.url = f"http://127.0.0.1:{port}/"
     return thread
 
