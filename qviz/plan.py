@@ -46,6 +46,17 @@ BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 DTYPES = ("int8", "int4", "fp16", "float")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 ACTIVATIONS = ("minmax", "moving_average", "histogram", "percentile")
+#: torch's observer classes in the plan's words, so that the layer table, the editor and the
+#: plan speak one vocabulary before and after an apply (other classes keep their own names).
+OBSERVER_NAMES = {
+    "MinMaxObserver": "minmax", "MovingAverageMinMaxObserver": "moving_average", "HistogramObserver": "histogram",
+    "PerChannelMinMaxObserver": "minmax", "MovingAveragePerChannelMinMaxObserver": "moving_average",
+}
+
+
+def observer_name(class_name: str) -> str:
+    """The plan's word for a torch observer class (``HistogramObserver`` -> ``histogram``)."""
+    return OBSERVER_NAMES.get(class_name, class_name)
 FORMAT_NAME = "qviz-plan"
 FORMAT_VERSION = 1
 

@@ -27,7 +27,7 @@ from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.outliers import collect as collect_outliers
 from qviz.analysis.outliers import outlier_frame
-from qviz.analysis.search import search
+from qviz.analysis.search import search, weight_bytes
 from qviz.analysis.sensitivity import VARIANTS, Sensitivity, sweep
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
@@ -197,6 +197,7 @@ class Session:
             for p in points:
                 if p.role != "dynamic":
                     describe(records[p.name], p.module)
+            self._name_percentiles(points, records)
             self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
             layers, left_float = getattr(self.flow, "find_layers", find_layers)(quantized, reference)
@@ -239,6 +240,14 @@ class Session:
                     p.module.min_val.fill_(float(lo))
                     p.module.max_val.fill_(float(hi))
 
+    def _name_percentiles(self, points, records) -> None:
+        """A percentile clip's record says so ("percentile(99.99)", as apply() writes it), not
+        the MinMaxObserver torch holds for it."""
+        for p in points:
+            config = self.plan.get(p.layer) if self.plan is not None and p.layer in self.plan else None
+            if p.role == "output" and config is not None and config.activation == "percentile":
+                records[p.name].info["observer"] = percentile_name(config)
+
     def _configure_from_plan(self) -> None:
         """A plan given to the constructor drives the first conversion (FX and eager)."""
         if self.plan is not None and hasattr(self.flow, "use_plan"):
@@ -279,6 +288,9 @@ class Session:
         summary = dict(self._model_figures)
         summary["size_bytes"] = serialized_size(self._quantized)
         summary["float_size_bytes"] = self._float_size
+        counts = self.param_counts()  # the size figure every screen shows: see weight_bytes()
+        summary["weight_bytes"] = weight_bytes(counts, self.plan, float_layers=self._left_float)
+        summary["float_weight_bytes"] = weight_bytes(counts, None)
         summary["nonfinite"] = sum(r.stats.nonfinite for r in self._records.values())
         summary["left_float"] = list(self._left_float)
         if self._float_latency_ms is not None:  # opt-in: Session(..., latency=True)
@@ -297,6 +309,12 @@ class Session:
                        and self.plan[n].simulated],
         )
         table = results.table
+        for n in self._layers:  # an int4 layer stored in 8 bits says int4 first, then how it is held
+            if self.plan is not None and n in self.plan and self.plan[n].dtype == "int4":
+                for column in ("dtype", "weight_dtype"):
+                    label = str(table.loc[n, column])
+                    if "int8" in label:
+                        table.loc[n, column] = f"int4 (simulated in {label})"
         for n in self._layers:  # why a quantized row has no output scale (pt2e: see output_notes)
             note = getattr(self._quantized.get_submodule(n), "output_note", "")
             if note and table.loc[n, "quantized"] and not table.loc[n, "observer"]:
@@ -381,10 +399,7 @@ class Session:
         if not changed:
             return
         modules = {n: self._reference.get_submodule(n) for n in changed}
-        if hasattr(self.flow, "check_plan"):
-            self.flow.check_plan(target, modules)
-        else:
-            target.check(modules)
+        self._check_plan(target, modules)
         # FX decides where quantize/dequantize go around float layers: let it convert again
         structural = self.flow.name == "fx" and any(  # functional layers: FX re-converts them
             (target[n].dtype == "float") != (self.plan[n].dtype == "float")
@@ -430,6 +445,27 @@ class Session:
                 _swap(quantized, n, m)
             raise
         self.__dict__.update(new)  # the commit: one step, nothing after it can fail
+
+    def _check_plan(self, target: Plan, modules: dict) -> None:
+        """Raise the ConfigError apply() gives when the flow or backend cannot run ``target``
+        on ``modules``."""
+        if hasattr(self.flow, "check_plan"):
+            self.flow.check_plan(target, modules)
+        else:
+            target.check(modules)
+
+    def choices(self, layer: str, field: str, values) -> tuple:
+        """Those of ``values`` for ``layer``'s ``field`` that apply() would accept now, checked
+        as apply() checks a plan, without converting: the editor offers only these."""
+        modules = {layer: self._reference.get_submodule(layer)}
+        accepted = []
+        for value in values:
+            try:
+                self._check_plan(self.plan.with_changes({layer: {field: value}}), modules)
+            except QvizError:
+                continue
+            accepted.append(value)
+        return tuple(accepted)
 
     @one_trace_at_a_time
     def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
@@ -758,8 +794,7 @@ def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str
 
 def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointRecord:
     """A copy of a layer's output record with the qparams and observer of its rebuilt module."""
-    observer = ({"percentile": f"percentile({config.percentile:g})"}.get(config.activation)
-                or config.activation)
+    observer = percentile_name(config) if config.activation == "percentile" else config.activation
     return dataclasses.replace(
         record,
         arrays=dict(record.arrays, scale=np.array([float(module.scale)]),
@@ -767,6 +802,10 @@ def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointR
         info=dict(record.info, observer=observer, quant_min=0,
                   quant_max=15 if config.dtype == "int4" else (127 if config.reduce_range else 255)),
     )
+
+
+def percentile_name(config) -> str:
+    return f"percentile({config.percentile:g})"
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

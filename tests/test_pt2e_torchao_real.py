@@ -344,7 +344,7 @@ def test_nan_scales_say_why():
     model = _built(Cat)
     s = _run(model, [(x,) for x in _images()])
     frame = s.to_dataframe()
-    assert math.isfinite(frame.loc["a", "scale"]) and frame.loc["a", "observer"] == "HistogramObserver"
+    assert math.isfinite(frame.loc["a", "scale"]) and frame.loc["a", "observer"] == "histogram"
     assert frame.loc["b", "observer"] == "shared with cat output (observer listed under 'a')"
     assert frame.loc["c", "observer"] == "not observed: output feeds a float op (mean)"
     assert frame.loc["fc", "observer"] == "not observed: output feeds a float op (layer_norm)"

@@ -66,7 +66,7 @@ def test_frame_has_one_row_per_quantized_layer(fx_session):
                 "dtype", "qscheme", "observer", "scale", "zero_point", "min", "max", "clip_frac",
                 "nonfinite"]:
         assert col in df.columns, col
-    assert (df.dtype == "quint8").all() and (df.observer == "HistogramObserver").all()
+    assert (df.dtype == "quint8").all() and (df.observer == "histogram").all()
     assert df.weight_qscheme.str.startswith("per_channel").all()  # x86 default
     assert df[["weight_sqnr", "local_sqnr", "output_sqnr"]].gt(20).all().all()
     assert df.cosine.between(0.99, 1.0).all()

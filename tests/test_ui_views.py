@@ -117,7 +117,7 @@ def test_summary_numbers_equal_the_session(session, state):
     s = session.summary()
     assert view.sqnr.value == pytest.approx(s["output_sqnr"])
     assert view.top1.value == pytest.approx(100 * s["top1_agreement"])
-    assert view.size.value == pytest.approx(100 * s["size_bytes"] / s["float_size_bytes"])
+    assert view.size.value == pytest.approx(100 * s["weight_bytes"] / s["float_weight_bytes"])
     model = _model(view)
     texts = [m.text for m in model.select({"type": pn.models.markup.HTML})]  # Number renders as HTML
     assert any(f"{s['output_sqnr']:.2f} dB" in t for t in texts)
@@ -557,7 +557,7 @@ def test_editor_applies_shows_before_after_and_undoes(live):
     assert (editor.dtype, editor.activation, editor.reduce_range) == ("int8", "histogram", True)
     before = state.table.loc["fc1", "output_sqnr"]
     version = state.version
-    assert editor.undo_button.disabled
+    assert editor.undo_button.disabled and not editor.compare_box.visible
 
     editor.dtype = "int4"
     editor.apply_button.clicks += 1
@@ -566,9 +566,11 @@ def test_editor_applies_shows_before_after_and_undoes(live):
     assert dashboard.table.widget.value.loc["fc1", "dtype"] == "int4"
     assert dashboard.table.widget.value.loc["fc1", "output_sqnr"] == pytest.approx(before - 12)
     frame = editor.compare.value
-    assert frame.loc["fc1.output_sqnr", "before"] == f"{before:.4g}"
-    assert frame.loc["fc1.output_sqnr", "after"] == f"{before - 12:.4g}"
-    assert frame.loc["fc1.dtype", "after"] == "int4"
+    assert editor.compare_box.visible  # hidden (no empty table) until the first change
+    assert frame.loc["fc1: output SQNR", "before"] == f"{before:.2f} dB"
+    assert frame.loc["fc1: output SQNR", "after"] == f"{before - 12:.2f} dB"
+    assert tuple(frame.loc["fc1: dtype"]) == ("int8", "int4")  # the choice that changed, first
+    assert list(frame.index).index("fc1: dtype") == 0
     assert "int4" in editor.code_text and editor.code_text == live.plan.to_code()
     assert html.escape(editor.code_text) in editor.code.object  # shown as selectable text
     assert dashboard.summary.sqnr.value == pytest.approx(live.summary()["output_sqnr"])
@@ -589,7 +591,8 @@ def test_editor_shows_apply_errors_and_changes_nothing(live):
     editor.param.update(dtype="int4", weight="per_tensor")
     assert not editor.apply()
     assert state.message_kind == "danger" and "choose weight=per_channel" in state.message
-    assert dashboard.messages.__panel__().visible
+    assert editor.messages.__panel__().visible  # under Apply, where the user looks
+    assert not dashboard.messages.__panel__().visible  # and only there: one message, one place
     assert state.version == version and not state.busy
     pd.testing.assert_frame_equal(dashboard.table.widget.value, table)
     assert not state.can_undo
@@ -618,7 +621,10 @@ def test_editor_drives_the_real_session_apply():
     record = live.record(state.activation_point("fc1"))
     grid = [s for s in dashboard.layer.histogram.object.layout.shapes if s.name == "grid"]
     assert len(grid) == record.info["quant_max"] - record.info["quant_min"] + 1  # 16 levels at 4 bits
-    assert editor.compare.value.loc["fc1.output_sqnr", "after"] == f"{live.to_dataframe().loc['fc1', 'output_sqnr']:.4g}"
+    assert editor.compare.value.loc["fc1: output SQNR", "after"] == f"{live.to_dataframe().loc['fc1', 'output_sqnr']:.2f} dB"
+    top1 = live.summary()["top1_agreement"]
+    assert editor.compare.value.loc["model: top-1 agreement", "after"] == f"{100 * top1:.3g} %"
+    assert editor.compare.value.loc["model: weight size", "after"] == f"{live.summary()['weight_bytes']:,} B"
     assert editor.undo()
     assert live.plan["fc1"].dtype == original
     pd.testing.assert_frame_equal(dashboard.table.widget.value, live.to_dataframe())

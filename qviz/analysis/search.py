@@ -56,9 +56,15 @@ class SearchResult:
         return df.loc[keep]
 
 
-def weight_bytes(param_counts: dict[str, int], plan) -> int:
-    """Bytes of weight storage of ``plan``'s layers at their dtypes' widths."""
-    return int(sum(n * BITS[plan[layer].dtype] / 8 for layer, n in param_counts.items()))
+def weight_bytes(param_counts: dict[str, int], plan, float_layers=()) -> int:
+    """Bytes of weight storage of ``plan``'s layers at their dtypes' widths (``plan`` None, or a
+    layer in ``float_layers``: 32-bit float). qviz's one size figure: the header, the search,
+    the Pareto axis, the compare tab and the report all show it, so a QAT and a PTQ session of
+    one model agree and an int4 layer counts half an int8 one whatever the flow stores."""
+    def bits(layer: str) -> int:
+        return 32 if plan is None or layer in float_layers else BITS[plan[layer].dtype]
+
+    return int(sum(n * bits(layer) / 8 for layer, n in param_counts.items()))
 
 
 class _Objective:

@@ -32,6 +32,7 @@ from qviz.io.schema import (
     validate,
 )
 from qviz.io.session_file import read_session_file, write_session_file
+from qviz.plan import observer_name
 
 _PER_TENSOR = ("per_tensor_affine", "per_tensor_symmetric")
 #: The figures users come for lead the table (and so the dashboard's and the report's tables).
@@ -73,7 +74,8 @@ SCHEMA = Fields(
                        extra=SCALAR),
         "summary": Fields(optional={**dict.fromkeys(("output_sqnr", "output_mse", "top1_agreement",
                                                      "latency_ms", "float_latency_ms"), REAL),
-                                    **dict.fromkeys(("size_bytes", "float_size_bytes", "nonfinite"), (int, NULL)),
+                                    **dict.fromkeys(("size_bytes", "float_size_bytes", "weight_bytes",
+                                                     "float_weight_bytes", "nonfinite"), (int, NULL)),
                                     "left_float": ListOf(str)},
                           extra=AnyOf(SCALAR, ListOf(SCALAR))),
         "points": ListOf(Fields(
@@ -355,7 +357,7 @@ def _row(name, depth, type_name, quantized, errors, weight, records) -> dict:
         mode = weight.get("activation_mode", "dynamic")  # torchao weight-only layers: "weight-only"
         dtype, observer = f"{weight.get('weight_dtype', '')} ({mode})", mode
     else:
-        dtype, observer = info.get("dtype", ""), info.get("observer", "")
+        dtype, observer = info.get("dtype", ""), observer_name(info.get("observer", ""))
     if not quantized:
         point = None  # a float layer has no output quantization of its own
     stats = point.stats if point is not None else None

@@ -139,6 +139,20 @@ def grid_levels(record, max_lines: int = MAX_GRID_LINES) -> np.ndarray:
     return (np.arange(qmin, qmax + 1, k) - z) * s
 
 
+def view_range(lo: float, hi: float, rng: tuple[float, float] | None) -> list[float]:
+    """The x range of a histogram: the data with 5% either side, widened to each end of the
+    representable range ``rng`` that lies near the data (within half the data's span): a
+    range far wider than the data would squeeze every bar into a sliver."""
+    span = (hi - lo) or abs(hi) or 1.0
+    view = [lo - 0.05 * span, hi + 0.05 * span]
+    if rng is not None:
+        if lo - 0.5 * span <= rng[0] < view[0]:
+            view[0] = rng[0] - 0.02 * span
+        if view[1] < rng[1] <= hi + 0.5 * span:
+            view[1] = rng[1] + 0.02 * span
+    return view
+
+
 def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = MAX_BARS) -> go.Figure:
     """Histogram of the values the point saw (bars from its counts/edges), the representable
     range as a shaded band, the clipped tails in red, and the quantization grid."""
@@ -170,7 +184,7 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
         s = float(np.asarray(record.arrays["scale"]).reshape(-1)[0])
         z = int(np.asarray(record.arrays["zero_point"]).reshape(-1)[0])
         clip = hist.fraction_outside(*rng)
-        detail = f"scale {s:.4g}, zero point {z}, clipped {clip:.3%}"
+        detail = f"scale {s:.4g}, zero point {z}, range [{rng[0]:.4g}, {rng[1]:.4g}], clipped {clip:.3%}"
     elif record.role == "dynamic":
         detail = "dynamic: range computed per batch"
     elif np.asarray(record.arrays.get("scale", [])).size > 1:
@@ -178,8 +192,11 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
     else:
         detail = ""
     fig.update_layout(barmode="overlay", bargap=0)
-    fig.update_xaxes(title_text="value")
-    fig.update_yaxes(title_text="count", type="log" if log_y else "linear")
+    fig.update_xaxes(title_text="value", range=view_range(edges[0], edges[-1], rng))
+    if log_y:  # ticks at powers of ten only: low counts otherwise get a label at 2, 3, 4, 5, ...
+        fig.update_yaxes(title_text="count", type="log", dtick=1)
+    else:
+        fig.update_yaxes(title_text="count", type="linear")
     if not detail:
         return layout(fig, title)
     # the numbers on a second line: on one, a long layer name runs under the legend
@@ -190,14 +207,17 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
 
 # -- per-channel weights ---------------------------------------------------------------------------
 def weight_scale_figure(record, layer: str) -> go.Figure:
-    """The weight point's scale per output channel (a single bar when per-tensor); per-group
-    weights (torchao int4) show one bar per group, output channel by output channel."""
+    """The weight point's scale per output channel; per-group weights (torchao int4) show one
+    bar per group, output channel by output channel; a per-tensor weight, see
+    :func:`per_tensor_weight_figure`."""
     scale = np.asarray(record.arrays.get("scale", []), dtype=np.float64).reshape(-1)
     qscheme = str(record.info.get("qscheme", ""))
     unit = "group" if qscheme.startswith("per_group") else "channel"
     title = f"{layer}: weight scale per {unit} ({qscheme})"
     if scale.size == 0:
         return message_figure(title, "no weight scale recorded for this layer")
+    if scale.size == 1 and qscheme in _PER_TENSOR:
+        return per_tensor_weight_figure(record, layer, float(scale[0]))
     zp = np.asarray(record.arrays.get("zero_point", np.zeros_like(scale)), dtype=np.float64).reshape(-1)
     if zp.size != scale.size:
         zp = np.broadcast_to(zp, scale.shape) if zp.size == 1 else np.zeros_like(scale)
@@ -209,3 +229,25 @@ def weight_scale_figure(record, layer: str) -> go.Figure:
     fig.update_xaxes(title_text="output channel" if unit == "channel" else "group (output channel-major)")
     fig.update_yaxes(title_text="scale")
     return layout(fig, title, height=260)
+
+
+def per_tensor_weight_figure(record, layer: str, scale: float) -> go.Figure:
+    """A per-tensor weight: its one scale as a line over the scale each output channel would
+    get on its own (its abs-max over qmax), so the channels that one scale serves badly show."""
+    qscheme = str(record.info.get("qscheme", ""))
+    absmax = np.asarray(record.arrays.get("channel_absmax", []), dtype=np.float64).reshape(-1)
+    title = f"{layer}: weight scale, one for the tensor ({qscheme}): {scale:.4g}"
+    if absmax.size == 0:
+        return message_figure(title, "one scale for the whole weight; no per-channel ranges were recorded", 260)
+    own = absmax / float(record.info.get("quant_max", 127))
+    channels = np.arange(absmax.size)
+    fig = go.Figure(go.Bar(x=channels, y=own, name="each channel's own scale (abs-max / qmax)",
+                           marker={"color": "#72b7b2"},
+                           hovertemplate="channel %{x}<br>own scale %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[-0.5, absmax.size - 0.5], y=[scale, scale], mode="lines", name="the tensor's scale",
+                             line={"color": "#444", "dash": "dash"}, hoverinfo="skip"))
+    fig.update_xaxes(title_text="output channel", range=[-0.5, absmax.size - 0.5])
+    fig.update_yaxes(title_text="scale")
+    layout(fig, title, height=260)
+    fig.update_layout(margin={"t": 62}, legend={"y": 1.0})  # the legend under the title, not on it
+    return fig

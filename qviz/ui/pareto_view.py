@@ -18,9 +18,10 @@ from qviz.analysis.search import SearchResult
 from qviz.plan import Plan
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import _StateView
+from qviz.ui.views import MessageView, _StateView
 
 TASK = "mixed-precision search"
+SOURCE = "search"  # this view's messages (see DashboardState.message_source)
 TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
@@ -124,7 +125,8 @@ class ParetoView(_StateView):
         self.button = pn.widgets.Button(
             label="Search",
             color="primary",
-            description="Start with every layer at int4, raise the worst layer until the target is met.",
+            description="Measure each layer at each precision, solve for the smallest plan predicted to "
+            "meet the target, then verify candidates by real conversion.",
             align="end",
         )
         self.button.on_click(lambda _: self.run())
@@ -132,6 +134,7 @@ class ParetoView(_StateView):
             CANNOT, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("candidate")
+        self.messages = MessageView(state=self.state, source=SOURCE)
         self._plot_slot("pareto")
         self.result: SearchResult | None = None
         self.searched_target: float | None = None
@@ -162,10 +165,8 @@ class ParetoView(_StateView):
 
     def _figure(self) -> go.Figure:
         plan = self.state.plan
-        in_force = next((step for step, p in self._plans.items() if p == plan), None)
-        found = None
-        if self.result.plan is not None:
-            found = next((step for step, p in self._plans.items() if p == self.result.plan), None)
+        in_force = self._step_of(plan)
+        found = None if self.result.plan is None else self._step_of(self.result.plan)
         return pareto_figure(
             self.result.candidates, self.result.pareto(), self.searched_target, found, in_force
         )
@@ -175,16 +176,23 @@ class ParetoView(_StateView):
         """Start ``session.search(target_sqnr=target)`` on a worker thread; returns the thread,
         or None when the session cannot search or another task runs."""
         if not self.state.can_apply:
-            self.state.notify(CANNOT.replace("`", ""), "warning")
+            self.state.notify(CANNOT.replace("`", ""), "warning", SOURCE)
             return None
         target, ui = float(self.target), ui_caller()
         self.progress.start(f"searching for {target:g} dB ...")
+        if self.result is None:  # "No search yet" does not belong under a running search
+            self._show_plot(None, "")
         self.thread = self.state.run_task(
-            TASK, lambda: self._search(target, ui), lambda r: self._done(r, target), ui
+            TASK, lambda: self._search(target, ui), lambda r: self._done(r, target), ui, SOURCE
         )
         if self.thread is None:
             self.progress.finish("")
+            self._redraw()
         return self.thread
+
+    def _step_of(self, plan: Plan) -> int | None:
+        """The candidate whose plan is ``plan`` (None if it is none of them)."""
+        return next((step for step, p in self._plans.items() if p == plan), None)
 
     def _search(self, target: float, ui) -> SearchResult:
         def callback(tried, most):
@@ -202,12 +210,14 @@ class ParetoView(_StateView):
         if result.plan is None:
             text = f"no candidate reached {target:g} dB: click a point to apply one anyway"
         else:
-            best = result.candidates[result.candidates["meets_target"]].iloc[0]
+            step = self._step_of(result.plan)
+            best = result.candidates.set_index("step").loc[step]
             text = (
-                f"search done: candidate {int(best.step)} meets {target:g} dB with "
-                f"{int(best.weight_bytes):,} weight bytes; click a point to apply its plan"
+                f"search done: the plan found (candidate {step}, the star) meets {target:g} dB "
+                f"with {int(best.weight_bytes):,} weight bytes ({best.output_sqnr:.2f} dB); "
+                "click a point to apply its plan"
             )
-        self.state.notify(text, "success" if result.plan is not None else "warning")
+        self.state.notify(text, "success" if result.plan is not None else "warning", SOURCE)
 
     def _on_task(self, *_):
         running = bool(self.state.task)
@@ -215,6 +225,7 @@ class ParetoView(_StateView):
         self.note.visible = not self.state.can_apply
         if not running and self.progress.running:  # the task ended without _done: it failed
             self.progress.finish("the search stopped: see the message above")
+            self._redraw()
             self.state.refresh()  # it applied candidates before failing: re-read the plan in force
 
     # -- picking ---------------------------------------------------------------------------------
@@ -228,7 +239,7 @@ class ParetoView(_StateView):
             f"{int(row['weight_bytes']):,} weight bytes, output SQNR {row['output_sqnr']:.2f} dB"
         )
         with pn.io.hold():
-            return self.state.apply_plan(self._plans[step], what)
+            return self.state.apply_plan(self._plans[step], what, SOURCE)
 
     def _on_click(self, event):
         points = (event.new or {}).get("points") or []
@@ -240,6 +251,7 @@ class ParetoView(_StateView):
         return pn.Column(
             pn.Row(self.target_input, self.button),
             self.note,
+            self.messages,
             self.progress,
             self.chart,
             sizing_mode="stretch_width",

@@ -19,9 +19,10 @@ import plotly.graph_objects as go
 
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import _StateView, select
+from qviz.ui.views import MessageView, _StateView, select
 
 TASK = "sensitivity sweep"
+SOURCE = "sensitivity"  # this view's messages (see DashboardState.message_source)
 PAIRS = {
     "quantize only / skip only": ("quantize_only", "skip_only"),
     "weight only / activation only": ("weight_only", "activation_only"),
@@ -109,9 +110,11 @@ def sensitivity_figure(
         clickmode="event",
         hovermode="closest",
         template=figures.TEMPLATE,
-        height=max(320, 140 + 22 * len(variants) * len(layers)),
-        margin={"l": 120, "r": 15, "t": 40, "b": 100},
-        legend={"orientation": "h", "y": 0, "x": 0, "yanchor": "top", "yref": "container"},
+        height=max(320, 150 + 22 * len(variants) * len(layers)),
+        # the legend in its own band between the title and the bars: inside the figure at any
+        # width (below the axis it was clipped away), never over the title or a bar
+        margin={"l": 120, "r": 15, "t": 80, "b": 50},
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1, "yanchor": "bottom"},
     )
     return fig
 
@@ -132,6 +135,7 @@ class SensitivityView(_StateView):
             NO_MODEL, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("layer")
+        self.messages = MessageView(state=self.state, source=SOURCE)
         self._plot_slot("sensitivity")
         self.explain = pn.pane.Markdown("", margin=(0, 10), styles={"color": "#555"})
         self.diagnosis = pn.widgets.Tabulator(
@@ -225,11 +229,11 @@ class SensitivityView(_StateView):
         """Start ``session.sensitivity()`` on a worker thread (the app stays responsive); returns
         the thread, or None when the session cannot sweep or another task runs."""
         if not self.state.can_sweep:
-            self.state.notify(NO_MODEL.replace("`", ""), "warning")
+            self.state.notify(NO_MODEL.replace("`", ""), "warning", SOURCE)
             return None
         ui = ui_caller()
         self.progress.start("preparing the sweep ...")
-        self.thread = self.state.run_task(TASK, lambda: self._sweep(ui), self._done, ui)
+        self.thread = self.state.run_task(TASK, lambda: self._sweep(ui), self._done, ui, SOURCE)
         if self.thread is None:
             self.progress.finish("")
         return self.thread
@@ -245,7 +249,7 @@ class SensitivityView(_StateView):
         self.progress.finish(f"measured {len(frame)} layers in {self.progress.elapsed:.1f} s")
         self._redraw()
         top = frame.index[0] if len(frame) else None
-        self.state.notify(f"sensitivity sweep done: the most sensitive layer is {top}", "success")
+        self.state.notify(f"sensitivity sweep done: the most sensitive layer is {top}", "success", SOURCE)
 
     def _on_task(self, *_):
         running = bool(self.state.task)
@@ -260,6 +264,7 @@ class SensitivityView(_StateView):
         left = pn.Column(
             pn.Row(self.button, self.pair),
             self.note,
+            self.messages,
             self.progress,
             self.chart,
             self.explain,

@@ -17,6 +17,8 @@ import threading
 import pandas as pd
 import param
 
+from qviz.analysis.graph import ModelGraph, session_graph
+from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,13 @@ DTYPES = ("int8", "int4", "fp16", "float")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile")
 CONFIG_FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range")
+_CHOICES = {"dtype": DTYPES, "weight": WEIGHT_SCHEMES, "activation": OBSERVERS}
 _CONFIG_DEFAULTS = {"dtype": "int8", "weight": "per_channel", "activation": "minmax",
                     "percentile": 99.99, "reduce_range": False}
 
 #: Numbers shown before/after an edit: the layer's row, then the model's summary.
-COMPARED_COLUMNS = ("dtype", "weight_sqnr", "local_sqnr", "output_sqnr", "scale", "zero_point", "clip_frac")
-COMPARED_SUMMARY = ("output_sqnr", "top1_agreement", "size_bytes")
+COMPARED_COLUMNS = ("weight_sqnr", "local_sqnr", "output_sqnr", "scale", "zero_point", "clip_frac")
+COMPARED_SUMMARY = ("output_sqnr", "top1_agreement", "weight_bytes")
 
 
 class DashboardState(param.Parameterized):
@@ -41,6 +44,9 @@ class DashboardState(param.Parameterized):
         The layer every view shows; set it from anywhere (table, chart, code) to select it everywhere.""")
     message = param.String(default="", doc="The last thing worth telling the user ('' when nothing).")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "danger"])
+    message_source = param.String(default="", doc="""
+        Where the message belongs: the view whose action it answers ("apply", "sensitivity",
+        "search"), shown there and only there; '' for the page's own line.""")
     version = param.Integer(default=0, doc="Bumped whenever the results change.")
     busy = param.Boolean(default=False, doc="True while the session re-converts.")
     last_change = param.Dict(default=None, allow_None=True, doc="""
@@ -54,6 +60,8 @@ class DashboardState(param.Parameterized):
         self._history: list = []  # plans before each apply, for undo
         self._task_lock = threading.Lock()
         self._table = self._summary = self._points = None
+        self._graphs: dict = {}  # (layers, depth) -> laid-out graph, or the QvizError of the trace
+        self._channels = None  # per-channel outlier figures, read once (see channel_matrix)
         self.refresh()
 
     # -- results ---------------------------------------------------------------------------------
@@ -108,9 +116,11 @@ class DashboardState(param.Parameterized):
         return self.session.record(point)
 
     # -- messages --------------------------------------------------------------------------------
-    def notify(self, text: str, kind: str = "info") -> None:
+    def notify(self, text: str, kind: str = "info", source: str = "") -> None:
+        """Tell the user ``text``, shown by the message view of ``source`` (see ``message_source``)."""
         with param.parameterized.batch_call_watchers(self):
             self.message_kind = kind
+            self.message_source = source
             self.message = text
 
     def clear_message(self) -> None:
@@ -142,6 +152,14 @@ class DashboardState(param.Parameterized):
         values = {f: getattr(config, f, None) for f in CONFIG_FIELDS}
         return {f: _CONFIG_DEFAULTS[f] if v is None else v for f, v in values.items()}
 
+    def choices(self, layer: str, field: str) -> list:
+        """The editor's choices for ``layer``'s ``field``: what the flow offers (``editable``)
+        narrowed to what its backend can run on this layer (e.g. no fp16 for static x86)."""
+        offered = (self.editable or {}).get(field) or _CHOICES[field]
+        if layer is None or not self.can_apply or not getattr(self.session, "is_live", False):
+            return list(offered)
+        return list(self.session.choices(layer, field, offered))
+
     def plan_code(self) -> str:
         """The plan as runnable code for the session's flow ('' without a plan)."""
         plan = self.plan
@@ -149,54 +167,55 @@ class DashboardState(param.Parameterized):
             return ""
         return plan.code_for(getattr(getattr(self.session, "results", None), "meta", None) or {})
 
-    def apply(self, changes: dict) -> bool:
+    def apply(self, changes: dict, source: str = "apply") -> bool:
         """``session.apply(changes)`` ({layer: {field: value}}); a QvizError becomes the message."""
-        if not self._editable():
+        if not self._editable(source):
             return False
         previous = copy.deepcopy(self.plan)
         return self._run(lambda: self.session.apply(changes), next(iter(changes), None),
-                         previous, f"applied {_describe(changes)}")
+                         previous, f"applied {_describe(changes)}", source)
 
-    def apply_plan(self, plan, what: str) -> bool:
+    def apply_plan(self, plan, what: str, source: str = "search") -> bool:
         """Put a whole ``plan`` in force (``session.apply(plan)``, e.g. a search candidate),
         undoable like an edit; ``what`` is the success message."""
-        if not self._editable():
+        if not self._editable(source):
             return False
         previous = copy.deepcopy(self.plan)
-        return self._run(lambda: self.session.apply(plan), self.selected_layer, previous, what)
+        return self._run(lambda: self.session.apply(plan), self.selected_layer, previous, what, source)
 
-    def _editable(self) -> bool:
+    def _editable(self, source: str) -> bool:
         """True when a new plan may be applied now; otherwise the message says why not."""
         if not self.can_apply:
-            self.notify("this session cannot re-convert (it was loaded from a file, or has no model)", "warning")
+            self.notify("this session cannot re-convert (it was loaded from a file, or has no model)", "warning",
+                        source)
             return False
         if self.task:
-            self.notify(f"wait for the {self.task} to finish", "warning")
+            self.notify(f"wait for the {self.task} to finish", "warning", source)
             return False
         return True
 
-    def undo(self) -> bool:
+    def undo(self, source: str = "apply") -> bool:
         """Re-apply the plan in force before the last apply."""
         if self.task:
-            self.notify(f"wait for the {self.task} to finish", "warning")
+            self.notify(f"wait for the {self.task} to finish", "warning", source)
             return False
         if not self._history:
-            self.notify("nothing to undo", "info")
+            self.notify("nothing to undo", "info", source)
             return False
         previous = self._history.pop()
         layer = self.last_change["layer"] if self.last_change else self.selected_layer
-        if self._run(lambda: self.session.apply(previous), layer, None, "undone: back to the previous plan"):
+        if self._run(lambda: self.session.apply(previous), layer, None, "undone: back to the previous plan", source):
             return True
         self._history.append(previous)
         return False
 
-    def _run(self, action, layer, previous_plan, success: str) -> bool:
+    def _run(self, action, layer, previous_plan, success: str, source: str) -> bool:
         before = self._snapshot(layer)
         self.busy = True
         try:
             action()
         except QvizError as exc:
-            self.notify(str(exc), "danger")
+            self.notify(str(exc), "danger", source)
             return False
         finally:
             self.busy = False
@@ -207,12 +226,14 @@ class DashboardState(param.Parameterized):
         with param.parameterized.batch_call_watchers(self):
             self.last_change = {"layer": layer, "before": before[0], "after": after[0],
                                 "summary_before": before[1], "summary_after": after[1]}
-            self.notify(success, "success")
+            self.notify(success, "success", source)
         return True
 
     def _snapshot(self, layer) -> tuple[dict, dict]:
+        """The layer's choices and numbers, and the model's numbers, as they are now."""
         row = self._table.loc[layer] if layer in self._table.index else {}
-        return ({c: _plain(row.get(c, math.nan)) for c in COMPARED_COLUMNS},
+        config = self.layer_config(layer) if layer in self._table.index else {}
+        return ({**{c: _plain(row.get(c, math.nan)) for c in COMPARED_COLUMNS}, **config},
                 {k: _plain(self._summary.get(k, math.nan)) for k in COMPARED_SUMMARY})
 
     # -- analysis (sensitivity, diagnosis) ------------------------------------------------------
@@ -235,46 +256,80 @@ class DashboardState(param.Parameterized):
         """``session.diagnose()``: findings with evidence and fix, sensitive layers first."""
         return self.session.diagnose()
 
+    def outliers(self, top: int) -> pd.DataFrame:
+        """``session.outliers(top)``: each linear layer's ``top`` input channels by abs-max, most
+        extreme first. Raises QvizError (saying why) when the session cannot measure them."""
+        if not callable(getattr(self.session, "outliers", None)):
+            raise QvizError("this session keeps no activation-outlier statistics")
+        return self.session.outliers(top=top)
+
+    def channel_matrix(self, value: str = "ratio_to_median") -> pd.DataFrame:
+        """Every channel's ``value`` ("absmax" or "ratio_to_median") of every linear layer's
+        input: one row per layer (the table's order first), one column per channel index, NaN
+        past a layer's width (see :func:`qviz.analysis.outliers.channel_matrix`). Measured once
+        per session: they are the float model's, so no apply changes them."""
+        if self._channels is None:
+            self._channels = self.outliers(top=2**62)  # a top wider than any layer: every channel
+        return channel_matrix(self._channels, value, self.layers)
+
+    def graph(self, depth: int | None = None) -> ModelGraph:
+        """The model's graph grouped to ``depth`` (None: every layer; see qviz.analysis.graph),
+        laid out, with the current figures (and the sweep's sensitivity when there is one).
+        Traced and laid out once per set of layers; raises QvizError saying why when there is
+        no graph to draw (a session loaded from a file, a model torch.fx cannot trace)."""
+        layers = tuple(self.layers)
+        if (layers, "trace") not in self._graphs:
+            try:
+                self._graphs[(layers, "trace")] = session_graph(self.session)
+            except QvizError as exc:
+                self._graphs[(layers, "trace")] = exc
+        traced = self._graphs[(layers, "trace")]
+        if isinstance(traced, QvizError):
+            raise traced
+        if (layers, depth) not in self._graphs:
+            self._graphs[(layers, depth)] = traced.collapse(depth).layout()
+        return self._graphs[(layers, depth)].with_figures(self._table, self.sensitivity_frame())
+
     # -- background tasks ------------------------------------------------------------------------
-    def run_task(self, what: str, work, done=None, ui=None) -> threading.Thread | None:
+    def run_task(self, what: str, work, done=None, ui=None, source: str = "") -> threading.Thread | None:
         """Run ``work()`` on a worker thread so the app stays responsive, then ``done(result)``
         through ``ui``: ``ui(fn, *args)`` runs ``fn`` where the views live (a served page's event
         loop; by default at once, on the worker). One task at a time (``task`` names it); an
-        exception becomes the message and the app keeps working. Returns the thread, or None
-        when another task is running."""
+        exception becomes the message (of ``source``'s view) and the app keeps working. Returns
+        the thread, or None when another task is running."""
         with self._task_lock:
             if self.task:
-                self.notify(f"wait for the {self.task} to finish", "warning")
+                self.notify(f"wait for the {self.task} to finish", "warning", source)
                 return None
             self.task = what
-        thread = threading.Thread(target=self._task, args=(what, work, done, ui or _now),
+        thread = threading.Thread(target=self._task, args=(what, work, done, ui or _now, source),
                                   name=f"qviz: {what}", daemon=True)
         thread.start()
         return thread
 
-    def _task(self, what: str, work, done, ui) -> None:
+    def _task(self, what: str, work, done, ui, source: str) -> None:
         try:
             result = work()
         except Exception as exc:  # noqa: BLE001 - a failed task is a message, not a dead app
-            ui(self._fail, what, exc)
+            ui(self._fail, what, exc, source)
         else:
-            ui(self._finish, what, done, result)
+            ui(self._finish, what, done, result, source)
 
-    def _finish(self, what: str, done, result) -> None:
+    def _finish(self, what: str, done, result, source: str) -> None:
         try:
             if done is not None:
                 done(result)
         except Exception as exc:  # noqa: BLE001 - as in _task
-            self._fail(what, exc)
+            self._fail(what, exc, source)
         finally:
             self.task = ""
 
-    def _fail(self, what: str, exc: Exception) -> None:
+    def _fail(self, what: str, exc: Exception, source: str) -> None:
         if isinstance(exc, QvizError):
-            self.notify(str(exc), "danger")
+            self.notify(str(exc), "danger", source)
         else:
             log.error("qviz: the %s failed", what, exc_info=exc)
-            self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger")
+            self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger", source)
         self.task = ""
 
 

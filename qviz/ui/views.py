@@ -82,25 +82,38 @@ class _StateView(Viewer):
 
 
 # -- messages --------------------------------------------------------------------------------------
+#: The page's own message line floats over the page's top right corner: shown or hidden, it
+#: never moves the page (a banner pushing the charts down is a click on the wrong chart).
+FLOATING = {"position": "fixed", "top": "6px", "right": "12px", "z-index": "1000", "width": "min(560px, 45vw)",
+            "box-shadow": "0 2px 8px rgba(0,0,0,0.2)", "background": "white", "border-radius": "4px"}
+
+
 class MessageView(_StateView):
-    """The state's message as an Alert (hidden while there is none), with a dismiss button."""
+    """The state's message as an Alert with a dismiss button, when it belongs here: a view's
+    own actions answer under that view (``source``), everything else on the page's floating
+    line (``source=''``). Each message shows in exactly one place."""
+
+    source = param.String(default="", doc="The message_source this view shows ('' the page's line).")
 
     def __init__(self, **params):
         super().__init__(**params)
-        self.alert = pn.pane.Alert(self._text(), alert_type=self.state.message_kind,
-                                   sizing_mode="stretch_width", margin=(0, 5))
+        self.alert = pn.pane.Alert("", alert_type="info", sizing_mode="stretch_width", margin=(0, 5))
         self.dismiss = pn.widgets.Button(label="✕", color="light", width=40, margin=(5, 5))
         self.dismiss.on_click(lambda _: self.state.clear_message())
-        self._layout = pn.Row(self.alert, self.dismiss, visible=bool(self.state.message),
-                              sizing_mode="stretch_width")
-        self.state.param.watch(self._update, ["message", "message_kind"])
+        self._layout = pn.Row(self.alert, self.dismiss, visible=False, sizing_mode="stretch_width",
+                              styles=FLOATING if not self.source else {})
+        self.state.param.watch(self._update, ["message", "message_kind", "message_source"])
+        self._update()
 
-    def _text(self) -> str:
-        return md(self.state.message)
+    @property
+    def shown(self) -> bool:
+        """True when the state's message belongs to this view."""
+        return bool(self.state.message) and self.state.message_source == self.source
 
     def _update(self, *_):
-        self.alert.param.update(object=self._text(), alert_type=self.state.message_kind)
-        self._layout.visible = bool(self.state.message)
+        if self.shown:
+            self.alert.param.update(object=md(self.state.message), alert_type=self.state.message_kind)
+        self._layout.visible = self.shown
 
     def __panel__(self):
         return self._layout
@@ -116,7 +129,7 @@ class SummaryView(_StateView):
         self.sqnr = pn.indicators.Number(label="output SQNR", format="{value:.2f} dB", colors=[
             (figures.RED_DB, figures.RED), (figures.AMBER_DB, figures.AMBER), (math.inf, figures.GREEN)], **common)
         self.top1 = pn.indicators.Number(label="top-1 agreement", format="{value:.2f} %", **common)
-        self.size = pn.indicators.Number(label="size vs float", format="{value:.1f} %", **common)
+        self.size = pn.indicators.Number(label="weight size vs float", format="{value:.1f} %", **common)
         self.speedup = pn.indicators.Number(label="speed-up vs float", format="{value:.2f}x", visible=False,
                                             **common)
         self.details = pn.pane.Markdown("", margin=(10, 20), styles={"color": "#555"})
@@ -125,7 +138,7 @@ class SummaryView(_StateView):
 
     def _update(self, *_):
         s = self.state.summary
-        size, float_size = s.get("size_bytes", math.nan), s.get("float_size_bytes", math.nan)
+        size, float_size = s.get("weight_bytes", math.nan), s.get("float_weight_bytes", math.nan)
         with pn.io.hold():
             self.sqnr.value = _number(s.get("output_sqnr"))
             self.top1.value = _number(s.get("top1_agreement")) * 100
@@ -136,7 +149,8 @@ class SummaryView(_StateView):
             meta = getattr(getattr(self.state.session, "results", None), "meta", {}) or {}
             parts = [f"{len(self.state.layers)} layers"]
             if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
-                parts.append(f"{size / 1024:.1f} KiB quantized, {float_size / 1024:.1f} KiB float")
+                parts.append(f"weights {size / 1000:.1f} kB at their dtypes' widths "
+                             f"(int4: 4 bits a value), float {float_size / 1000:.1f} kB")
             if self.speedup.visible:
                 parts.append(f"{latency:.2f} ms quantized, {float_latency:.2f} ms float (median, this CPU)")
             parts += [f"{k} {md(meta[k])}" for k in ("flow", "backend", "torch") if meta.get(k)]
@@ -378,7 +392,7 @@ class ConfigEditor(_StateView):
     def __init__(self, **params):
         super().__init__(**params)
         self.heading = pn.pane.Markdown("", margin=(0, 10))
-        self.messages = MessageView(state=self.state)  # the outcome of Apply, where the user looks
+        self.messages = MessageView(state=self.state, source="apply")  # under Apply, where the user looks
         kinds = {"dtype": pn.widgets.RadioButtonGroup, "weight": pn.widgets.RadioButtonGroup,
                  "activation": pn.widgets.Select, "percentile": pn.widgets.FloatInput,
                  "reduce_range": pn.widgets.Checkbox}
@@ -392,6 +406,8 @@ class ConfigEditor(_StateView):
         self.undo_button.on_click(lambda _: self.undo())
         self.compare = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=True,
                                             sizing_mode="stretch_width", label="before/after")
+        self.compare_box = pn.Column(pn.pane.Markdown("##### Before / after", margin=(0, 10)), self.compare,
+                                     visible=False, sizing_mode="stretch_width")
         # plain <pre> text, selectable to copy: a code editor widget costs ~0.5 s of browser CPU
         # at first render, and this code is read and copied, not edited
         self.code_text = ""
@@ -437,7 +453,12 @@ class ConfigEditor(_StateView):
         layer = self.state.selected_layer
         self.heading.object = f"Configure **{md(layer)}**" if layer else "Configure"
         if layer is not None:
-            self.param.update(**self.state.layer_config(layer))
+            config = self.state.layer_config(layer)
+            with pn.io.hold():
+                for field in ("dtype", "weight"):  # only what this layer can be under this flow and backend
+                    if not self.widgets[field].disabled:
+                        self.widgets[field].options = self.state.choices(layer, field)
+                self.param.update(**config)
 
     def _on_version(self, *_):
         self._load_layer()
@@ -457,7 +478,7 @@ class ConfigEditor(_StateView):
         layer = self.state.selected_layer
         changes = self.changes()
         if layer is None or not changes:
-            self.state.notify("nothing to apply: change a choice first", "info")
+            self.state.notify("nothing to apply: change a choice first", "info", "apply")
             return False
         with pn.io.hold():
             return self.state.apply({layer: changes})
@@ -467,16 +488,24 @@ class ConfigEditor(_StateView):
             return self.state.undo()
 
     def _show_change(self, *_):
+        """The last change's before/after: the choices that changed, the layer's numbers, the
+        model's, each in its unit; hidden until there is a change (no empty table)."""
         change = self.state.last_change
+        self.compare_box.visible = bool(change)
         if not change:
-            self.compare.value = pd.DataFrame()
             return
-        rows = {f"{change['layer']}.{c}": (change["before"].get(c), change["after"].get(c)) for c in COMPARED_COLUMNS}
-        rows.update({f"model.{k}": (change["summary_before"].get(k), change["summary_after"].get(k))
+        before, after = change["before"], change["after"]
+        layer = change["layer"]
+        rows = {f"{layer}: {f.replace('_', ' ')}": (before[f], after[f]) for f in self._FIELDS
+                if f in before and f in after and before[f] != after[f]}
+        rows.update({f"{layer}: {_COMPARED_TITLES.get(c, c)}": (_fmt(before.get(c), c), _fmt(after.get(c), c))
+                     for c in COMPARED_COLUMNS})
+        rows.update({f"model: {_COMPARED_TITLES.get(k, k)}": (_fmt(change["summary_before"].get(k), k),
+                                                             _fmt(change["summary_after"].get(k), k))
                      for k in COMPARED_SUMMARY})
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=["before", "after"]).astype(object)
-        frame.index.name = "number"
-        self.compare.value = frame.map(_fmt)
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=["before", "after"]).astype(str)
+        frame.index.name = "what"
+        self.compare.value = frame
 
     def __panel__(self):
         controls = []
@@ -485,12 +514,27 @@ class ConfigEditor(_StateView):
                 controls.append(pn.pane.Markdown(field, margin=(5, 10, 0, 10)))
             controls.append(widget)
         return pn.Column(self.heading, self.flow_note, *controls, pn.Row(self.apply_button, self.undo_button), self.messages,
-                         pn.pane.Markdown("##### Before / after", margin=(0, 10)), self.compare,
+                         self.compare_box,
                          pn.pane.Markdown("##### Plan as code", margin=(0, 10)), self.code, self.download,
                          visible=self.enabled, sizing_mode="stretch_width")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+_COMPARED_TITLES = {"weight_sqnr": "weight SQNR", "local_sqnr": "local SQNR", "output_sqnr": "output SQNR",
+                    "clip_frac": "clipped", "zero_point": "zero point", "top1_agreement": "top-1 agreement",
+                    "weight_bytes": "weight size"}
+
+
+def _fmt(v, key: str = "") -> str:
+    """``v`` in the unit of the number it is (``key``): dB, %, bytes; plain text otherwise."""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+        v = float(v)
+        if not math.isfinite(v):
+            return "n/a"
+        if key.endswith("_sqnr"):
+            return f"{v:.2f} dB"
+        if key in ("clip_frac", "top1_agreement"):
+            return f"{100 * v:.3g} %"
+        if key.endswith("bytes"):
+            return f"{v:,.0f} B"
+        return f"{v:.4g}"
     return str(v)
