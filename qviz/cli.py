@@ -5,6 +5,7 @@ Compare tab); ``qviz report PATH -o OUT`` writes the HTML report of a session fi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import pandas as pd
@@ -23,12 +24,13 @@ def format_table(session) -> str:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
         text = frame.to_string()
     summary = session.summary()
+    top1 = summary.get("top1_agreement", math.nan)  # NaN where outputs are not class scores
     lines = [
         text,
         "",
-        f"model output SQNR {summary['output_sqnr']:.2f} dB, top-1 agreement "
-        f"{summary['top1_agreement']:.1%}, size {summary['size_bytes'] / 1024:.1f} KiB "
-        f"(float {summary['float_size_bytes'] / 1024:.1f} KiB)",
+        f"model output SQNR {summary['output_sqnr']:.2f} dB, "
+        + (f"top-1 agreement {top1:.1%}, " if math.isfinite(top1) else "")
+        + f"size {summary['size_bytes'] / 1024:.1f} KiB (float {summary['float_size_bytes'] / 1024:.1f} KiB)",
     ]
     if "latency_ms" in summary:
         lines.append(f"latency {summary['latency_ms']:.2f} ms vs float {summary['float_latency_ms']:.2f} ms "
@@ -37,7 +39,12 @@ def format_table(session) -> str:
 
 
 def _cmd_demo(args) -> int:
-    session = demo_session(args.flow, args.backend, latency=args.latency)
+    if args.model == "minilm":
+        from qviz.demo.minilm import minilm_session
+
+        session = minilm_session(args.flow or "pt2e", args.backend, latency=args.latency)
+    else:
+        session = demo_session(args.flow or "fx", args.backend, latency=args.latency)
     print(format_table(session))
     if args.save:
         session.save(args.save)
@@ -50,14 +57,14 @@ def _cmd_serve(args) -> int:
 
     if (args.path is None) == (not args.demo):
         raise QvizError("give a session file (qviz serve run.qviz) or --demo, not both")
-    factory = session_factory(args.path, demo=args.demo)
+    factory = session_factory(args.path, demo=args.demo or False)
     compare = session_factory(args.compare) if args.compare else None  # a session file, never a pickle
     port = args.port or free_port(args.address)
     against = f" compared with {args.compare}" if args.compare else ""
-    print(f"qviz: serving {'the demo' if args.demo else args.path}{against} at http://{args.address}:{port}/ "
+    print(f"qviz: serving {f'the {args.demo} demo' if args.demo else args.path}{against} at http://{args.address}:{port}/ "
           "(Ctrl-C to stop)", flush=True)
     serve(factory, compare=compare, port=port, address=args.address, show=not args.no_show, verbose=False,
-          slow=args.demo, max_sessions=args.max_sessions)
+          slow=bool(args.demo), max_sessions=args.max_sessions)
     return 0
 
 
@@ -74,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize the embedded demo model and print the per-layer table")
-    demo.add_argument("--flow", default="fx", choices=["fx", "eager", "dynamic", "pt2e", "torchao"])
+    demo.add_argument("--model", default="digits", choices=["digits", "minilm"],
+                      help='digits: the embedded CNN (default); minilm: all-MiniLM-L6-v2, pretrained '
+                      '(pip install "qviz[nlp]")')
+    demo.add_argument("--flow", default=None, choices=["fx", "eager", "dynamic", "pt2e", "torchao"],
+                      help="default fx for digits, pt2e for minilm (FX cannot trace Hugging Face models)")
     demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.add_argument("--latency", action="store_true",
@@ -82,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     srv = sub.add_parser("serve", help="serve the interactive app for a session file or the demo")
     srv.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
-    srv.add_argument("--demo", action="store_true", help="serve the embedded demo (a fresh session per visitor)")
+    srv.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm"],
+                     help="serve a demo, a fresh session per visitor: digits (the default) or minilm")
     srv.add_argument("--compare", metavar="PATH",
                      help="a second session file, shown beside the first in a Compare tab (e.g. PTQ vs QAT)")
     srv.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")

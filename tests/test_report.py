@@ -182,7 +182,7 @@ def test_report_is_one_self_contained_file(demo, report):
     outside_plotly = text.replace(plotly_js, "")
     assert "<link" not in outside_plotly and "@import" not in outside_plotly
     assert not re.search(r"url\(\s*['\"]?(https?:|//)", outside_plotly)
-    for section in ("summary", "sensitivity", "depth", "histograms", "diagnosis", "plan", "layers"):
+    for section in ("summary", "sensitivity", "depth", "histograms", "outliers", "diagnosis", "plan", "layers"):
         assert f'<section id="{section}">' in text
     assert not list(path.parent.glob(".report.html.*")), "the temporary file was left behind"
 
@@ -372,9 +372,9 @@ def test_report_renders_offline_in_chromium(report, new_page, artifacts):
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     page.goto(path.as_uri())
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 6")
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 7")
     figures = text.count('class="figure"')
-    assert page.locator(".js-plotly-plot").count() == figures == 6  # sensitivity, depth, 4 histograms
+    assert page.locator(".js-plotly-plot").count() == figures == 7  # sensitivity, depth, 4 histograms, outliers
     bars = page.evaluate("document.querySelectorAll('.js-plotly-plot .trace.bars .point').length")
     assert bars > 50
     assert [u for u in requests if not u.startswith("file:")] == []

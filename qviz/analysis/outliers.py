@@ -107,6 +107,19 @@ def channel_heatmap(stats: dict[str, ChannelStats]) -> tuple[list[str], np.ndarr
     return layers, matrix
 
 
+def channel_matrix(frame: pd.DataFrame, value: str = "ratio_to_median", order=()) -> pd.DataFrame:
+    """The rows of :func:`outlier_frame` (every channel: ``top`` wider than any layer) as a
+    layer x channel matrix of ``value``: one row per layer, the layers of ``order`` first in that
+    order and the others after, one column per channel index, NaN past a layer's width."""
+    if value not in ("absmax", "ratio_to_median"):
+        raise ValueError(f"value must be 'absmax' or 'ratio_to_median', not {value!r}")
+    matrix = frame.set_index(["layer", "channel"])[value].unstack("channel")
+    first = [n for n in order if n in matrix.index]
+    matrix = matrix.reindex(first + [n for n in matrix.index if n not in first])
+    matrix.columns = matrix.columns.astype(int)
+    return matrix.astype(float)
+
+
 def linear_layers(model: nn.Module) -> list[str]:
     """Names of the modules whose input's last dim is their features: nn.Linear and Hugging
     Face's Conv1D (GPT-2's linears, weight stored transposed)."""

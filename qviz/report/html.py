@@ -30,19 +30,23 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from qviz import __version__
+from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, LOADER, PAGE
 from qviz.ui import figures
+from qviz.ui.outlier_figure import outlier_heatmap
 
 #: How many of the worst layers (by local_sqnr) get a histogram.
 WORST_LAYERS = 4
+#: The outlier table: at most this many channels per layer, this many rows in all.
+OUTLIER_CHANNELS, OUTLIER_ROWS = 3, 30
 SENSITIVITY_COLUMNS = ("rank", "quantize_only", "skip_only", "weight_only", "activation_only",
                        "sensitivity", "float_metric")
 _SQNR_COLUMNS = ("weight_sqnr", "local_sqnr", "output_sqnr")
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 _NAV = (("summary", "Summary"), ("sensitivity", "Sensitivity"), ("depth", "Error along depth"),
-        ("histograms", "Worst layers"), ("diagnosis", "Diagnosis"), ("plan", "Plan"),
+        ("histograms", "Worst layers"), ("outliers", "Outliers"), ("diagnosis", "Diagnosis"), ("plan", "Plan"),
         ("layers", "Per-layer table"))
 
 
@@ -281,6 +285,32 @@ def _histogram_section(results) -> str:
     return head + "".join(parts) + "</section>"
 
 
+def _outliers_section(session) -> str:
+    """The activation-outlier heat map (every linear layer's input channels, ratio to the layer's
+    median channel) and the most extreme channels; a note when the session cannot measure them
+    (a loaded session holds no model)."""
+    head = ('<section id="outliers"><h2>Activation outliers</h2>'
+            + _note("each linear layer's input, channel by channel, over the calibration batches: "
+                    "abs-max over the layer's median channel. A channel tens of times the median sets "
+                    "a per-tensor scale that leaves the others a few levels. persistence near 1: a "
+                    "systematic outlier channel (per-channel scales, SmoothQuant); near 0: a spike "
+                    "(clipping, per-token scales)"))
+    if not callable(getattr(session, "outliers", None)):
+        return head + _note("not measured: this session keeps no activation-outlier statistics") + "</section>"
+    try:
+        frame = session.outliers(top=2**62)  # every channel of every layer
+    except QvizError as exc:
+        return head + _note(f"not measured: {exc}") + "</section>"
+    if frame.empty:
+        return head + _note("no linear layer whose input channels to measure") + "</section>"
+    matrix = channel_matrix(frame, "ratio_to_median", [str(n) for n in _results(session).table.index])
+    top = frame.groupby("layer", sort=False).head(OUTLIER_CHANNELS).head(OUTLIER_ROWS)
+    return (head + _figure(outlier_heatmap(matrix), "qviz-outliers")
+            + frame_table(top, table_id="outlier-table", index=False,
+                          caption=f"the {len(top)} most extreme channels (at most {OUTLIER_CHANNELS} per "
+                                  "layer), session.outliers()") + "</section>")
+
+
 def _diagnosis_section(frame: pd.DataFrame | None) -> str:
     head = '<section id="diagnosis"><h2>Diagnosis</h2>'
     if frame is None:
@@ -330,6 +360,7 @@ def build_report(session, *, title: str | None = None) -> str:
         _sensitivity_section(sens, _sensitivity_metric(results, sens) if sens is not None else ""),
         _depth_section(results.table),
         _histogram_section(results),
+        _outliers_section(session),
         _diagnosis_section(diagnosis_frame(results, sens)),
         _plan_section(session, results),
         _layers_section(results.table),

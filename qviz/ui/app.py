@@ -16,6 +16,7 @@ from panel.viewable import Viewer
 
 from qviz.ui.compare_view import CompareView
 from qviz.ui.markup import md
+from qviz.ui.outlier_view import OutlierView
 from qviz.ui.pareto_view import ParetoView
 from qviz.ui.qat_view import QatView
 from qviz.ui.sensitivity_view import SensitivityView
@@ -42,6 +43,7 @@ class Dashboard(Viewer):
         self.sensitivity = self._build("the sensitivity view", SensitivityView)
         self.pareto = self._build("the mixed-precision view", ParetoView)
         self.qat = self._build("the QAT view", QatView)
+        self.outliers = self._build("the outlier view", OutlierView)
         self.compare = (None if compare_with is None else
                         self._build("the compare view", functools.partial(CompareView, other=compare_with)))
 
@@ -59,10 +61,20 @@ class Dashboard(Viewer):
         # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
         tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
-                ("Mixed precision", self.pareto), ("QAT", self.qat)]
+                ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
-        return [self.summary, self.messages, pn.Tabs(*tabs, dynamic=False, sizing_mode="stretch_width")]
+        names = [name for name, _ in tabs]
+        widget = pn.Tabs(*tabs, dynamic=False, sizing_mode="stretch_width")
+        widget.param.watch(lambda event: self._opened(names[event.new]), "active")
+        return [self.summary, self.messages, widget]
+
+    def _opened(self, name: str) -> None:
+        """A tab was opened: the Outliers tab measures on first opening (a float pass over the
+        calibration batches that a page not looking at it should not wait for)."""
+        if name == "Outliers" and isinstance(self.outliers, OutlierView):
+            self.outliers.show()
+
 
     def _layers_tab(self) -> pn.Row:
         """Layer table, depth chart and config editor beside the selected layer's view."""

@@ -28,15 +28,25 @@ from qviz.ui.progress import TaskProgress, ui_caller
 log = logging.getLogger(__name__)
 
 
-def session_factory(path=None, *, demo: bool = False, check: bool = True) -> Callable:
-    """The sessions to serve: a fresh demo session per call (each visitor may apply), or the
-    session file at ``path`` loaded once (never a pickle) and the same Session returned to every
-    visitor. Sharing it is safe: a loaded session holds results only, and nothing in the
-    dashboard changes them (apply, sweeps and searches refuse to run on it). ``check`` loads the
-    file now, so a bad path fails here rather than in every tab."""
+def session_factory(path=None, *, demo: bool | str = False, check: bool = True) -> Callable:
+    """The sessions to serve: a fresh demo session per call (each visitor may apply; ``demo``
+    True or "digits": the embedded digits CNN, "minilm": all-MiniLM-L6-v2, see
+    :mod:`qviz.demo.minilm`), or the session file at ``path`` loaded once (never a pickle) and
+    the same Session returned to every visitor. Sharing it is safe: a loaded session holds
+    results only, and nothing in the dashboard changes them (apply, sweeps and searches refuse
+    to run on it). ``check`` loads the file (or checks the MiniLM demo's packages) now, so a bad
+    path or a missing package fails here rather than in every tab."""
     if (path is None) == (not demo):
         raise ConfigError("give a session file path or demo=True (one of them)")
+    if demo == "minilm":
+        from qviz.demo import minilm
+
+        if check:
+            minilm.check_available()
+        return lambda: minilm.minilm_session(progress=False)
     if demo:
+        if demo not in (True, "digits"):
+            raise ConfigError(f"demo must be True, 'digits' or 'minilm', not {demo!r}")
         from qviz.demo import demo_session
 
         return lambda: demo_session(progress=False)
