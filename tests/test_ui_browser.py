@@ -169,7 +169,7 @@ def test_apply_in_one_session_leaves_the_other_alone(live_server, new_page, arti
     a.locator(".bk-btn", has_text="int4").click()
     a.locator(".bk-btn", has_text="Apply").click()
     expect(a.get_by_text("applied fc1: dtype=int4").first).to_be_visible()
-    expect(a.get_by_text("fc1.output_sqnr")).to_be_visible()  # the before/after table
+    expect(a.get_by_text("fc1: output SQNR")).to_be_visible()  # the before/after table, in units
     assert session_a.plan["fc1"].dtype == "int4"
     a.screenshot(path=artifacts / "ui-applied.png", full_page=True)
     # the other browser session: same numbers, same plan

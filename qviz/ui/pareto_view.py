@@ -18,10 +18,11 @@ from qviz.analysis.search import SearchResult
 from qviz.plan import Plan
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import MessageView, _StateView
+from qviz.ui.views import _StateView
 
 TASK = "mixed-precision search"
-SOURCE = "search"  # this view's messages (see DashboardState.message_source)
+SOURCE = ""  # the page's floating message line: a message inside this column re-lays
+# out the chart as it appears (plotly then measured a width of ~90 px)
 TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
@@ -134,7 +135,6 @@ class ParetoView(_StateView):
             CANNOT, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("candidate")
-        self.messages = MessageView(state=self.state, source=SOURCE)
         self._plot_slot("pareto")
         self.result: SearchResult | None = None
         self.searched_target: float | None = None
@@ -251,7 +251,6 @@ class ParetoView(_StateView):
         return pn.Column(
             pn.Row(self.target_input, self.button),
             self.note,
-            self.messages,
             self.progress,
             self.chart,
             sizing_mode="stretch_width",

@@ -19,10 +19,11 @@ import plotly.graph_objects as go
 
 from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
-from qviz.ui.views import MessageView, _StateView, select
+from qviz.ui.views import _StateView, select
 
 TASK = "sensitivity sweep"
-SOURCE = "sensitivity"  # this view's messages (see DashboardState.message_source)
+SOURCE = ""  # the page's floating message line: a message inside this column re-lays
+# out the chart as it appears (plotly then measured a width of ~90 px)
 PAIRS = {
     "quantize only / skip only": ("quantize_only", "skip_only"),
     "weight only / activation only": ("weight_only", "activation_only"),
@@ -135,7 +136,6 @@ class SensitivityView(_StateView):
             NO_MODEL, visible=False, margin=(0, 10), styles={"color": "#555"}
         )
         self.progress = TaskProgress("layer")
-        self.messages = MessageView(state=self.state, source=SOURCE)
         self._plot_slot("sensitivity")
         self.explain = pn.pane.Markdown("", margin=(0, 10), styles={"color": "#555"})
         self.diagnosis = pn.widgets.Tabulator(
@@ -264,7 +264,6 @@ class SensitivityView(_StateView):
         left = pn.Column(
             pn.Row(self.button, self.pair),
             self.note,
-            self.messages,
             self.progress,
             self.chart,
             self.explain,
