@@ -15,6 +15,7 @@ import panel as pn
 from panel.viewable import Viewer
 
 from qviz.ui.compare_view import CompareView
+from qviz.ui.graph_view import GraphView
 from qviz.ui.markup import md
 from qviz.ui.outlier_view import OutlierView
 from qviz.ui.pareto_view import ParetoView
@@ -38,6 +39,7 @@ class Dashboard(Viewer):
         self.summary = self._build("the model figures", SummaryView)
         self.table = self._build("the layer table", LayerTable)
         self.depth = self._build("the error-along-depth chart", DepthChart)
+        self.graph = self._build("the graph view", GraphView)
         self.layer = self._build("the layer view", LayerView)
         self.editor = self._build("the config editor", ConfigEditor) if self.state.can_apply else None
         self.sensitivity = self._build("the sensitivity view", SensitivityView)
@@ -62,6 +64,7 @@ class Dashboard(Viewer):
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
         tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
                 ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
+        tabs.insert(1, ("Graph", self.graph))
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
         names = [name for name, _ in tabs]
