@@ -225,6 +225,7 @@ def test_an_untraceable_model_or_a_loaded_session_says_why(state, fx_session):
     with pytest.raises(QvizError, match="loaded from a file"):
         loaded.graph()
     view = GraphView(state=loaded)
+    view.show()
     assert view.chart.objects == [view.placeholder] and "loaded from a file" in view.placeholder.object
 
 
@@ -237,6 +238,8 @@ def test_clicking_a_node_selects_its_layer_and_the_selection_is_ringed(state):
     from qviz.ui.graph_view import GraphView
 
     view = GraphView(state=state)
+    assert view.pane.object is None and view.figure.options == []  # nothing drawn before the tab opens
+    view.show()
     assert view.depth.value == 0  # every layer: 13 nodes fit
     assert set(view.figure.options.values()) == set(FIGURES)  # sensitivity too: the session has a sweep
     _click(view, "branch_b")
@@ -246,14 +249,19 @@ def test_clicking_a_node_selects_its_layer_and_the_selection_is_ringed(state):
     assert (ring.x[0], ring.y[0], ring.customdata[0]) == (node["x"], node["y"], "branch_b")
     _click(view, "cat#0")  # not a layer: the selection stays
     assert state.selected_layer == "branch_b"
-    state.selected_layer = "stage.1.conv1"  # selected elsewhere
-    assert next(t for t in view.pane.object.data if t.name == "selected").customdata == ("stage.1.conv1",)
+    figure = view.pane.object
+    state.selected_layer = "stage.1.conv1"  # selected elsewhere: the ring moves, the figure stays
+    assert view.pane.object is figure
+    ring = next(t for t in figure.data if t.name == "selected")
+    node = view._graph.nodes.loc["stage.1.conv1"]
+    assert (ring.x, ring.y, ring.customdata) == ((node["x"],), (node["y"],), ("stage.1.conv1",))
 
 
 def test_a_group_is_ringed_for_its_members_and_a_click_selects_its_worst(state, fx_session):
     from qviz.ui.graph_view import GraphView
 
     view = GraphView(state=state)
+    view.show()
     view.depth.value = 2
     view.figure.value = "local_sqnr"
     table = fx_session.to_dataframe()
@@ -278,3 +286,19 @@ def test_the_figure_colours_by_the_chosen_figure_with_distinct_adds_and_cats(sta
     assert set(traces["add"].customdata) == {"stage.0.add#0", "stage.1.add#0"}
     edge_points = sum(len(xs) + 1 for xs in graph.edges["xs"])
     assert len(traces["edges"].x) == edge_points  # every edge drawn, each ended by a gap
+
+
+def test_the_dashboard_draws_the_graph_when_its_tab_is_first_opened(fx_session):
+    from qviz.ui.app import Dashboard
+
+    dashboard = Dashboard(fx_session)
+    tabs = dashboard.sections()[-1]
+    assert dashboard.graph.pane.object is None
+    tabs.active = tabs._names.index("Graph")
+    assert {t.name for t in dashboard.graph.pane.object.data} >= {"layers", "add", "cat", "selected"}
+
+
+def test_a_flat_model_too_large_to_label_still_opens_on_every_layer():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(130)])
+    graph = trace_graph(model, [str(i) for i in range(130)])
+    assert graph.max_depth == 1 and graph.default_depth() is None

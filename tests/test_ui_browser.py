@@ -46,7 +46,7 @@ def server(demo_file):
 def open_app(page, url):
     page.goto(url)
     expect(page.locator(".tabulator-row")).to_have_count(len(LAYERS))
-    expect(page.locator(".js-plotly-plot").nth(2)).to_be_attached()  # the Layers tab's 3 (live: the graph too)
+    expect(page.locator(".js-plotly-plot")).to_have_count(3)
 
 
 def _css_class(name: str):

@@ -76,6 +76,9 @@ def test_clicking_a_node_selects_its_layer_everywhere(server, new_page, artifact
     page.locator(".bk-input-group", has_text="group modules to depth").locator("select").select_option("2")
     wait_until(lambda: graph_plot(page).evaluate(
         "el => el.data.some(t => (t.customdata || []).includes('stage.1'))"))
+    # the regrouped graph in full view: its own axis ranges, not those of the graph before
+    wait_until(lambda: graph_plot(page).evaluate(
+        "el => JSON.stringify(el._fullLayout.yaxis.range) === JSON.stringify([-7.6, 0.6])"), timeout=10)
 
     def group_clicked():
         page.mouse.click(*node_position(page, "stage.1"))  # a group: selects its worst layer

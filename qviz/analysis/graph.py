@@ -102,7 +102,7 @@ class ModelGraph:
 
     def default_depth(self, max_nodes: int = 120) -> int | None:
         """The deepest grouping with at most ``max_nodes`` nodes (None: every layer fits)."""
-        if len(self.nodes) <= max_nodes:
+        if len(self.nodes) <= max_nodes or self.max_depth == 1:
             return None
         for depth in range(self.max_depth - 1, 0, -1):
             if len(self.collapse(depth).nodes) <= max_nodes:

@@ -73,11 +73,13 @@ class Dashboard(Viewer):
         return [self.summary, self.messages, widget]
 
     def _opened(self, name: str) -> None:
-        """A tab was opened: the Outliers tab measures on first opening (a float pass over the
-        calibration batches that a page not looking at it should not wait for)."""
+        """A tab was opened: the Outliers tab measures (a float pass over the calibration batches)
+        and the Graph tab traces and draws on first opening: a page not looking at them should
+        not wait for them."""
         if name == "Outliers" and isinstance(self.outliers, OutlierView):
             self.outliers.show()
-
+        if name == "Graph" and isinstance(self.graph, GraphView):
+            self.graph.show()
 
     def _layers_tab(self) -> pn.Row:
         """Layer table, depth chart and config editor beside the selected layer's view."""

@@ -50,10 +50,19 @@ def _hover(graph: ModelGraph, figure: str) -> list[str]:
     return lines
 
 
+def ring_at(graph: ModelGraph, selected: str | None) -> list:
+    """[x, y, node name] of the node that holds layer ``selected`` (itself or its group); [] if none."""
+    for name, node in graph.nodes.iterrows():
+        if selected is not None and selected in node["members"]:
+            return [node["x"], node["y"], str(name)]
+    return []
+
+
 def graph_figure(graph: ModelGraph, figure: str, selected: str | None = None) -> go.Figure:
     """The laid-out ``graph``: edges as lines along their routes, layers and groups coloured by
     ``figure`` (red is worse; grey where a layer has none), adds, cats, inputs and the output as
-    grey shapes of their own, the node of ``selected`` ringed (a trace named "selected")."""
+    grey shapes of their own, the node of ``selected`` ringed (a trace named "selected", empty
+    when no node holds it)."""
     nodes = graph.nodes
     label, lower_is_worse = FIGURES[figure]
     xs, ys = [], []
@@ -87,7 +96,8 @@ def graph_figure(graph: ModelGraph, figure: str, selected: str | None = None) ->
                     "cmin": float(finite.min()), "cmax": float(finite.max()) if finite.max() > finite.min()
                     else float(finite.min()) + 1,
                     "colorbar": {"title": {"text": label, "side": "right"}, "thickness": 14,
-                                 "len": min(300, height - 150), "lenmode": "pixels", "y": 1, "yanchor": "top",
+                                 # at most 300 px, from the top: in view on a tall graph, never below the plot
+                                 "len": min(1.0, 300 / (height - 115)), "lenmode": "fraction", "y": 1, "yanchor": "top",
                                  "x": 1, "xanchor": "left"}}))
     if grey.any():
         fig.add_trace(go.Scatter(
@@ -106,13 +116,11 @@ def graph_figure(graph: ModelGraph, figure: str, selected: str | None = None) ->
             x=nodes["x"][mask], y=nodes["y"][mask], text=text[mask], hovertext=hover[mask],
             customdata=names[mask], name=legend, **common,
             marker={"color": style[3], "size": style[2] * scale, "symbol": style[1], "line": {"color": "#333", "width": 1.5}}))
-    ringed = nodes.index[[selected in m for m in nodes["members"]]] if selected is not None else []
-    if len(ringed):
-        node = nodes.loc[ringed[0]]
-        fig.add_trace(go.Scatter(x=[node["x"]], y=[node["y"]], mode="markers", name="selected",
-                                 customdata=[str(ringed[0])], hoverinfo="skip", showlegend=False,
-                                 marker={"size": 30 * scale, "symbol": "circle-open", "color": "#222",
-                                         "line": {"width": 3, "color": "#222"}}))
+    ring = ring_at(graph, selected)
+    fig.add_trace(go.Scatter(x=ring[:1], y=ring[1:2], customdata=ring[2:], mode="markers", name="selected",
+                             hoverinfo="skip", showlegend=False,
+                             marker={"size": 30 * scale, "symbol": "circle-open", "color": "#222",
+                                     "line": {"width": 3, "color": "#222"}}))
     width = float(nodes["x"].max()) if len(nodes) else 0.0
     # at least 6 columns wide, so that a narrow graph is not stretched across the page
     fig.update_xaxes(visible=False, range=[-0.6, max(width + (1.6 if len(nodes) <= MAX_LABELS else 0.6), 6)])
@@ -134,13 +142,19 @@ class GraphView(_StateView):
         self.info = pn.pane.Markdown("", margin=(0, 10), styles={"color": "#555"})
         self._plot_slot("graph")
         self._graph = None
-        self._set_options()
+        self._shown = False
         self.pane.param.watch(self._on_click, "click_data")
         self.figure.param.watch(self._redraw, "value")
         self.depth.param.watch(self._redraw, "value")
-        self.state.param.watch(self._redraw, "selected_layer")
+        self.state.param.watch(self._move_ring, "selected_layer")
         self.state.param.watch(self._after_table(self._on_version), "version")
-        self._redraw()
+
+    def show(self) -> None:
+        """Trace, lay out and draw the graph (the app calls this when its tab is first opened:
+        a page not looking at the graph does not wait for it)."""
+        if not self._shown:
+            self._shown = True
+            self._on_version()
 
     def _set_options(self) -> None:
         """The figures the session has (sensitivity once swept) and the depths its graph has,
@@ -161,11 +175,24 @@ class GraphView(_StateView):
                                     disabled=len(depths) == 1)
 
     def _on_version(self, *_):
+        if not self._shown:
+            return
         with pn.io.hold():
             self._set_options()
             self._redraw()
 
+    def _move_ring(self, *_):
+        """Ring the newly selected layer's node in place (one restyle, not a new figure)."""
+        ring = next((t for t in getattr(self.pane.object, "data", ()) if t.name == "selected"), None)
+        if ring is None or self._graph is None:
+            return
+        x, y, name = ring_at(self._graph, self.state.selected_layer) or [None, None, None]
+        with self.pane.object.batch_update():
+            ring.update(x=[x], y=[y], customdata=[name])
+
     def _redraw(self, *_):
+        if not self._shown:
+            return
         try:
             self._graph = self.state.graph(self.depth.value or None)
         except QvizError as exc:
