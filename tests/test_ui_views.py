@@ -466,8 +466,9 @@ def test_app_for_turns_a_failure_into_an_alert(tmp_path):
 
 def test_cli_serve_arguments(session_file, tmp_path, capsys):
     args = build_parser().parse_args(["serve", str(session_file), "--port", "0", "--address", "0.0.0.0", "--no-show"])
-    assert (args.path, args.port, args.address, args.no_show, args.demo) == (str(session_file), 0, "0.0.0.0", True, False)
-    assert build_parser().parse_args(["serve", "--demo"]).demo
+    assert (args.path, args.port, args.address, args.no_show, args.demo) == (str(session_file), 0, "0.0.0.0", True, None)
+    assert build_parser().parse_args(["serve", "--demo"]).demo == "digits"
+    assert build_parser().parse_args(["serve", "--demo", "minilm"]).demo == "minilm"
     assert args.max_sessions == 8 and build_parser().parse_args(["serve", "--demo", "--max-sessions", "2"]).max_sessions == 2
     assert main(["serve"]) == 2 and "--demo" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing.qviz"), "--no-show"]) == 2
