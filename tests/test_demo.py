@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -164,7 +165,9 @@ def test_cli_demo_prints_warnings_as_one_line_and_the_weight_size(capsys):
     from qviz.cli import main
     from qviz.demo import demo_session
 
-    assert main(["demo"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # shown even if an earlier test already triggered it once
+        assert main(["demo"]) == 0
     out, err = capsys.readouterr()
     assert "qviz: FutureWarning: torch.ao.quantization" in err
     assert "warnings.warn" not in err and ".py:" not in err
