@@ -163,7 +163,8 @@ def test_picking_a_pareto_point_applies_its_plan(server, new_page, artifacts):
     result = session.search(target_sqnr=30)  # the same candidates: the search starts from int4
     assert session.plan == Plan.from_json(result.candidates.set_index("step").loc[step, "plan"])
     sqnr = session.summary()["output_sqnr"]
-    expect(page.get_by_text(f"{sqnr:.2f} dB", exact=True)).to_be_visible()  # the model figure
+    # the model figure (and the editor's before/after, which now lists the model's new SQNR too)
+    expect(page.get_by_text(f"{sqnr:.2f} dB", exact=True).first).to_be_visible()
     tab(page, "Layers")
     frame = session.to_dataframe()
     for layer in frame.index:
