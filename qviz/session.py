@@ -171,6 +171,7 @@ class Session:
         if plan is not None and (qconfig is not None or qconfig_mapping is not None):
             raise ConfigError("give either plan= or qconfig/qconfig_mapping, not both")
         self.plan = plan
+        self.source = None  # the session file it was loaded from (see load())
         self._user_qconfigs = qconfig if qconfig is not None else qconfig_mapping
         if quantizer is not None:  # a PT2E quantizer of the user's: qviz does not own the configs
             self._user_qconfigs = quantizer
@@ -773,6 +774,7 @@ class Session:
         session._model = session._calib = session._eval = session._example = None
         session.output_fn, session._eval_name = None, "eval_data"
         session.plan, session.progress, session.results = None, False, results
+        session.source = None
         session._history = []
         return session
 
@@ -820,6 +822,8 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def load(path, *, max_bytes: int | None = None) -> Session:
     """Open a session file written by :meth:`Session.save` (safe with files from strangers: the
     file may make qviz allocate at most ``max_bytes``, 512 MiB by default; raise it for a larger
-    file you trust)."""
-    return Session.from_results(Results.load(path, max_bytes=max_bytes))
+    file you trust). ``session.source`` is then ``path``: views name the session by its file."""
+    session = Session.from_results(Results.load(path, max_bytes=max_bytes))
+    session.source = pathlib.Path(path)
+    return session
 

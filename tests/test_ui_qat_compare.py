@@ -147,9 +147,10 @@ def test_heatmap_holds_the_histograms_over_steps(qat):
         traces = _traces(view.heatmap.object)
         heat = traces["histogram"]
         hsteps = list(range(0, STEPS, HISTOGRAMS_EVERY))
-        assert list(heat.x) == hsteps
-        shares = np.asarray(heat.customdata, dtype=np.float64)  # bins x steps
-        z = np.asarray(heat.z, dtype=np.float64)
+        edges = np.asarray(heat.x)  # a column centred on each step, an empty one between
+        np.testing.assert_allclose((edges[0::2] + edges[1::2]) / 2, hsteps)
+        shares = np.asarray(heat.customdata, dtype=np.float64)[:, 0::2]  # bins x steps
+        z = np.asarray(heat.z, dtype=np.float64)[:, 0::2]
         np.testing.assert_allclose(np.nansum(10**z, axis=0), 1.0)
         np.testing.assert_allclose(np.nan_to_num(10**z), shares, rtol=1e-12)
         centers = np.asarray(heat.y)
@@ -293,12 +294,14 @@ def test_compare_view_holds_both_sessions_numbers(ptq, qat):
     a, b = ptq.to_dataframe(), qat.to_dataframe()
     pd.testing.assert_frame_equal(view.differences, layer_differences(a, b))
     sa, sb = ptq.summary(), qat.summary()
-    figures = view.figures.value
-    for key in ("output_sqnr", "top1_agreement", "size_bytes"):
-        assert figures.loc[key, "A"] == pytest.approx(sa[key]) and figures.loc[
-            key, "B"
-        ] == pytest.approx(sb[key])
-        assert figures.loc[key, "B - A"] == pytest.approx(sb[key] - sa[key])
+    figures = view.figures.value  # each figure in its unit, as the header shows it
+    assert figures.loc["output SQNR"].tolist() == [
+        f"{sa['output_sqnr']:.2f} dB",
+        f"{sb['output_sqnr']:.2f} dB",
+        f"{sb['output_sqnr'] - sa['output_sqnr']:+.2f} dB",
+    ]
+    assert figures.loc["top-1 agreement with float", "A"] == f"{100 * sa['top1_agreement']:.1f} %"
+    assert figures.loc["weights at their dtypes' widths", "B"] == f"{sb['weight_bytes'] / 1000:.1f} kB"
     fig = view.depth.object
     assert [t.name for t in fig.data] == ["A: output SQNR", "B: output SQNR"]
     for trace, frame in zip(fig.data, (a, b), strict=True):

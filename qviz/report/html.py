@@ -253,13 +253,25 @@ def _sensitivity_section(frame: pd.DataFrame | None, metric: str) -> str:
                           caption=f"the sweep, metric: {metric}; most sensitive first") + "</section>")
 
 
+def _label_guides(fig: go.Figure) -> go.Figure:
+    """The depth chart's guide lines drawn over the grid, dashed and 2 px wide, each labelled with
+    its dB at the right end: the app's faint dotted lines vanish in a report (on paper above all)."""
+    fig.update_shapes(selector={"name": "threshold"}, layer="above", line_width=2, line_dash="dash")
+    for shape in fig.layout.shapes:
+        if shape.name == "threshold":
+            fig.add_annotation(x=1, xref="paper", xanchor="right", y=shape.y0, yref="y", yanchor="bottom",
+                               text=f"{shape.y0:g} dB", showarrow=False, name="threshold",
+                               font={"size": 11, "color": shape.line.color})
+    return fig
+
+
 def _depth_section(table: pd.DataFrame) -> str:
-    fig = figures.depth_figure(table)
+    fig = _label_guides(figures.depth_figure(table))
     fig.update_layout(title_text="Own error (local SQNR) and accumulated error (output SQNR) along depth")
     return ('<section id="depth"><h2>Error along depth</h2>'
             + _note("local SQNR: the layer's own error, fed the quantized model's input; output "
-                    "SQNR: the error accumulated up to that layer. Dotted lines at "
-                    f"{figures.RED_DB:g} and {figures.AMBER_DB:g} dB.")
+                    "SQNR: the error accumulated up to that layer. Dashed guide lines at "
+                    f"{figures.RED_DB:g} dB (red below) and {figures.AMBER_DB:g} dB (amber below).")
             + _figure(fig, "qviz-depth") + "</section>")
 
 

@@ -1,12 +1,16 @@
 """The compare view: the dashboard's session (A) beside a second one (B), e.g. PTQ vs QAT or two
 plans of one model. Model-level figures of both, a per-layer table of A, B and B - A (layers
 matched by name; layers only in one session listed), and both output SQNRs along depth.
-Selecting a layer here selects it in A's state, so every other view follows.
+Selecting a layer here selects it in A's state, so every other view follows. A and B are named
+by their session files (``qviz serve a.qviz --compare b.qviz``), or by flow, backend and plan when
+they live in memory.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +24,23 @@ from qviz.ui.markup import md
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
 SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
-SUMMARY_KEYS = ("output_sqnr", "top1_agreement", "size_bytes", "float_size_bytes")
+SUMMARY_KEYS = (
+    "output_sqnr",
+    "top1_agreement",
+    "weight_bytes",
+    "float_weight_bytes",
+    "size_bytes",
+    "float_size_bytes",
+)
+#: How the model-figures table names each figure (the dashboard header's words).
+FIGURE_LABELS = {
+    "output_sqnr": "output SQNR",
+    "top1_agreement": "top-1 agreement with float",
+    "weight_bytes": "weights at their dtypes' widths",
+    "float_weight_bytes": "weights in float",
+    "size_bytes": "saved model (torch.save)",
+    "float_size_bytes": "saved float model (torch.save)",
+}
 _COLORS = {"A": "#1f77b4", "B": "#ff7f0e"}
 
 
@@ -60,6 +80,64 @@ def summary_differences(a: dict, b: dict) -> pd.DataFrame:
     frame["B - A"] = frame["B"] - frame["A"]
     frame.index.name = "figure"
     return frame
+
+
+def summary_table(diff: pd.DataFrame) -> pd.DataFrame:
+    """:func:`summary_differences` as the table shows it: one row per figure under its label, each
+    value in its unit (dB, %, bytes as B / kB / MB); the serialized sizes only when neither
+    session has the weight sizes the header shows."""
+    if diff.index.isin(["weight_bytes", "float_weight_bytes"]).any():
+        diff = diff.drop(index=["size_bytes", "float_size_bytes"], errors="ignore")
+    rows = {}
+    for key, values in diff.iterrows():
+        show = _SHOW[key]
+        rows[FIGURE_LABELS.get(key, key)] = [
+            show(values["A"], ""),
+            show(values["B"], ""),
+            show(values["B - A"], "+"),
+        ]
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=["A", "B", "B - A"])
+    frame.index.name = "figure"
+    return frame
+
+
+def format_bytes(n: float, sign: str = "") -> str:
+    """Bytes as people read them: whole bytes below 1 kB, then kB and MB (1000s, as the header)."""
+    if not math.isfinite(n):
+        return "–"
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:{sign}.1f} {unit}"
+    return f"{n:{sign}.0f} B"
+
+
+def _percent(v: float, sign: str) -> str:
+    """A share in % (the header's unit); a difference of shares in percentage points."""
+    return "–" if not math.isfinite(v) else f"{100 * v:{sign}.1f}" + (" pts" if sign else " %")
+
+
+_SHOW = {
+    "output_sqnr": lambda v, sign: "–" if not math.isfinite(v) else f"{v:{sign}.2f} dB",
+    "top1_agreement": _percent,
+    **dict.fromkeys(
+        ("weight_bytes", "float_weight_bytes", "size_bytes", "float_size_bytes"), format_bytes
+    ),
+}
+
+
+def session_name(session) -> str:
+    """What the compare view calls a session: its file's name when loaded from one, else (in
+    memory) its flow and backend and the dtypes of its plan."""
+    source = getattr(session, "source", None)
+    if source is not None:
+        return Path(source).name
+    meta = getattr(getattr(session, "results", None), "meta", None) or {}
+    name = ", ".join(["in memory", *(f"{meta[k]} {k}" for k in ("flow", "backend") if meta.get(k))])
+    plan = getattr(session, "plan", None)
+    if plan:
+        counts = Counter(config.dtype for config in plan.values()).most_common()
+        name += ", plan " + " + ".join(f"{n} {dtype}" for dtype, n in counts)
+    return name
 
 
 def _float(v) -> float:
@@ -156,7 +234,7 @@ class CompareView(_StateView):
             disabled=True,
             show_index=True,
             label="model figures",
-            formatters={c: NumberFormatter(format="0.000") for c in ("A", "B", "B - A")},
+            text_align={c: "right" for c in ("A", "B", "B - A")},
         )
         self.only = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
         self.table = pn.widgets.Tabulator(
@@ -190,10 +268,14 @@ class CompareView(_StateView):
         a, b = self.state.table, self.other.to_dataframe()
         with pn.io.hold():
             self.table.value = layer_differences(a, b)
-            self.figures.value = summary_differences(self.state.summary, self.other.summary())
+            names = {"A": session_name(self.state.session), "B": session_name(self.other)}
+            self.figures.titles = {side: f"{side}: {name}" for side, name in names.items()}
+            self.figures.value = summary_table(
+                summary_differences(self.state.summary, self.other.summary())
+            )
             self.header.object = (
-                f"**A**: this session ({_describe(self.state.session)}) · "
-                f"**B**: the compared session ({_describe(self.other)})"
+                f"**A**: {md(names['A'])}, this session ({_describe(self.state.session)}) · "
+                f"**B**: {md(names['B'])}, the compared session ({_describe(self.other)})"
             )
             only = self.table.value["in"]
             parts = [

@@ -171,16 +171,18 @@ def _quantity_traces(steps, values, quantity: str) -> list[go.Scatter]:
 
 
 def qparams_figure(timeline, point: str, events: pd.DataFrame) -> go.Figure:
-    """Scale, zero point and observed min/max of ``point`` over the snapshot steps, events marked."""
+    """Scale, zero point and observed min/max of ``point`` over the snapshot steps, events marked.
+    Each row is named by its y-axis title, not a subplot title above it: the legend above the
+    plots (four long entries for a per-channel point) then has nothing to lie over."""
     info = next(p for p in timeline.points if p["name"] == point)
-    fig = make_subplots(
-        rows=3,
-        cols=1,
-        shared_xaxes=True,
-        vertical_spacing=0.08,
-        subplot_titles=("scale", "zero point", "observed min / max"),
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    rows = (
+        (1, ("scale",), "scale"),
+        (2, ("zero_point",), "zero point"),
+        (3, ("min", "max"), "min / max"),
     )
-    for row, quantities in ((1, ("scale",)), (2, ("zero_point",)), (3, ("min", "max"))):
+    for row, quantities, name in rows:
+        fig.update_yaxes(title_text=name, automargin=True, row=row, col=1)
         for q in quantities:
             steps, values = timeline.series(point, q)
             for trace in _quantity_traces(steps, values, q):
@@ -225,9 +227,28 @@ def histogram_grid(timeline, point: str, bins: int = HEATMAP_BINS):
     return hsteps, edges, shares
 
 
+def heatmap_columns(hsteps) -> np.ndarray:
+    """x edges of the heat map: for each histogram step a column centred on it, half as wide as
+    the closest gap between steps (2 steps for a single histogram), then an empty column to the
+    next. A histogram is a sample at its step: blocks filling the gaps would claim the steps
+    between (and before the first, after the last) were recorded too."""
+    steps = np.asarray(hsteps, dtype=np.float64)
+    half = np.diff(steps).min() / 4 if len(steps) > 1 else 1.0
+    return np.column_stack([steps - half, steps + half]).ravel()
+
+
+def _with_gaps(values: np.ndarray, fill=np.nan) -> np.ndarray:
+    """bins x steps values with a column of ``fill`` between consecutive steps (heatmap_columns)."""
+    shape = (values.shape[0], 2 * values.shape[1] - 1)
+    out = np.full(shape, fill, dtype=np.result_type(values, np.asarray(fill)))
+    out[:, ::2] = values
+    return out
+
+
 def heatmap_figure(timeline, point: str, events: pd.DataFrame) -> go.Figure:
-    """What ``point`` saw at each histogram step (colour: log10 of the share of values per bin),
-    the representable range of per-tensor points over the snapshot steps, events marked."""
+    """What ``point`` saw at each histogram step (colour: log10 of the share of values per bin; a
+    column centred on each step, see :func:`heatmap_columns`), the representable range of
+    per-tensor points over the snapshot steps, events marked."""
     title = f"{point}: histogram over training"
     grid = histogram_grid(timeline, point)
     if grid is None:
@@ -241,14 +262,17 @@ def heatmap_figure(timeline, point: str, events: pd.DataFrame) -> go.Figure:
         z = np.where(shares > 0, np.log10(np.where(shares > 0, shares, 1.0)), np.nan)
     fig = go.Figure(
         go.Heatmap(
-            x=hsteps,
+            x=heatmap_columns(hsteps),
             y=centers,
-            z=z,
-            customdata=shares,
+            z=_with_gaps(z),
+            customdata=_with_gaps(shares),
+            text=_with_gaps(np.broadcast_to(np.asarray(hsteps).astype(str), shares.shape), ""),
+            hoverongaps=False,
             name="histogram",
             colorscale="Viridis",
             colorbar={"title": {"text": "log10 share"}},
-            hovertemplate="step %{x}<br>value %{y:.4g}<br>%{customdata:.3%} of values<extra></extra>",
+            hovertemplate="step %{text}<br>value %{y:.4g}<br>%{customdata:.3%} of values"
+            "<extra></extra>",
         )
     )
     info = next(p for p in timeline.points if p["name"] == point)

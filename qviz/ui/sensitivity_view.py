@@ -41,6 +41,8 @@ COLORS = {
     "activation_only": figures.AMBER,
 }
 DIAGNOSIS_COLUMNS = ["severity", "layer", "cause", "evidence", "fix"]
+#: (column, least width in px, share of the width left) of the diagnosis table's other columns.
+DIAGNOSIS_WIDTHS = (("layer", 110, 1), ("cause", 110, 1), ("evidence", 200, 3), ("fix", 200, 3))
 NO_SWEEP_SAVED = "none was saved with this session, and a session loaded from a file cannot run one"
 NO_MODEL = (
     "This session was loaded from a file: it holds results only, so it cannot sweep. "
@@ -144,7 +146,11 @@ class SensitivityView(_StateView):
             disabled=True,
             selectable=1,
             layout="fit_columns",
-            widths={"severity": 80, "layer": 110, "cause": 150},
+            # each title fits its column and the text columns wrap whole words: below these
+            # widths the table scrolls sideways instead of cutting "severity" or a word
+            widths={"severity": 100},
+            configuration={"columns": [{"field": f, "minWidth": w, "widthGrow": g}
+                                       for f, w, g in DIAGNOSIS_WIDTHS]},
             formatters={"evidence": {"type": "textarea"}, "fix": {"type": "textarea"}},
             sizing_mode="stretch_width",
             label="diagnosis",
