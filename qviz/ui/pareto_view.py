@@ -21,8 +21,6 @@ from qviz.ui.progress import TaskProgress, ui_caller
 from qviz.ui.views import _StateView
 
 TASK = "mixed-precision search"
-SOURCE = ""  # the page's floating message line: a message inside this column re-lays
-# out the chart as it appears (plotly then measured a width of ~90 px)
 TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
@@ -176,14 +174,14 @@ class ParetoView(_StateView):
         """Start ``session.search(target_sqnr=target)`` on a worker thread; returns the thread,
         or None when the session cannot search or another task runs."""
         if not self.state.can_apply:
-            self.state.notify(CANNOT.replace("`", ""), "warning", SOURCE)
+            self.state.notify(CANNOT.replace("`", ""), "warning")
             return None
         target, ui = float(self.target), ui_caller()
         self.progress.start(f"searching for {target:g} dB ...")
         if self.result is None:  # "No search yet" does not belong under a running search
             self._show_plot(None, "")
         self.thread = self.state.run_task(
-            TASK, lambda: self._search(target, ui), lambda r: self._done(r, target), ui, SOURCE
+            TASK, lambda: self._search(target, ui), lambda r: self._done(r, target), ui
         )
         if self.thread is None:
             self.progress.finish("")
@@ -217,7 +215,7 @@ class ParetoView(_StateView):
                 f"with {int(best.weight_bytes):,} weight bytes ({best.output_sqnr:.2f} dB); "
                 "click a point to apply its plan"
             )
-        self.state.notify(text, "success" if result.plan is not None else "warning", SOURCE)
+        self.state.notify(text, "success" if result.plan is not None else "warning")
 
     def _on_task(self, *_):
         running = bool(self.state.task)
@@ -239,7 +237,7 @@ class ParetoView(_StateView):
             f"{int(row['weight_bytes']):,} weight bytes, output SQNR {row['output_sqnr']:.2f} dB"
         )
         with pn.io.hold():
-            return self.state.apply_plan(self._plans[step], what, SOURCE)
+            return self.state.apply_plan(self._plans[step], what)
 
     def _on_click(self, event):
         points = (event.new or {}).get("points") or []

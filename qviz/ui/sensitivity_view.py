@@ -22,8 +22,6 @@ from qviz.ui.progress import TaskProgress, ui_caller
 from qviz.ui.views import _StateView, select
 
 TASK = "sensitivity sweep"
-SOURCE = ""  # the page's floating message line: a message inside this column re-lays
-# out the chart as it appears (plotly then measured a width of ~90 px)
 PAIRS = {
     "quantize only / skip only": ("quantize_only", "skip_only"),
     "weight only / activation only": ("weight_only", "activation_only"),
@@ -235,11 +233,11 @@ class SensitivityView(_StateView):
         """Start ``session.sensitivity()`` on a worker thread (the app stays responsive); returns
         the thread, or None when the session cannot sweep or another task runs."""
         if not self.state.can_sweep:
-            self.state.notify(NO_MODEL.replace("`", ""), "warning", SOURCE)
+            self.state.notify(NO_MODEL.replace("`", ""), "warning")
             return None
         ui = ui_caller()
         self.progress.start("preparing the sweep ...")
-        self.thread = self.state.run_task(TASK, lambda: self._sweep(ui), self._done, ui, SOURCE)
+        self.thread = self.state.run_task(TASK, lambda: self._sweep(ui), self._done, ui)
         if self.thread is None:
             self.progress.finish("")
         return self.thread
@@ -255,7 +253,7 @@ class SensitivityView(_StateView):
         self.progress.finish(f"measured {len(frame)} layers in {self.progress.elapsed:.1f} s")
         self._redraw()
         top = frame.index[0] if len(frame) else None
-        self.state.notify(f"sensitivity sweep done: the most sensitive layer is {top}", "success", SOURCE)
+        self.state.notify(f"sensitivity sweep done: the most sensitive layer is {top}", "success")
 
     def _on_task(self, *_):
         running = bool(self.state.task)

@@ -45,8 +45,9 @@ class DashboardState(param.Parameterized):
     message = param.String(default="", doc="The last thing worth telling the user ('' when nothing).")
     message_kind = param.Selector(default="info", objects=["info", "success", "warning", "danger"])
     message_source = param.String(default="", doc="""
-        Where the message belongs: the view whose action it answers ("apply", "sensitivity",
-        "search"), shown there and only there; '' for the page's own line.""")
+        Where the message belongs: "apply" (an edit's outcome, shown under the editor's Apply)
+        or '' (the page's floating line: everything else, sweeps and searches included, whose
+        message inside their own column re-laid out the chart as it appeared).""")
     version = param.Integer(default=0, doc="Bumped whenever the results change.")
     busy = param.Boolean(default=False, doc="True while the session re-converts.")
     last_change = param.Dict(default=None, allow_None=True, doc="""
@@ -175,7 +176,7 @@ class DashboardState(param.Parameterized):
         return self._run(lambda: self.session.apply(changes), next(iter(changes), None),
                          previous, f"applied {_describe(changes)}", source)
 
-    def apply_plan(self, plan, what: str, source: str = "search") -> bool:
+    def apply_plan(self, plan, what: str, source: str = "") -> bool:
         """Put a whole ``plan`` in force (``session.apply(plan)``, e.g. a search candidate),
         undoable like an edit; ``what`` is the success message."""
         if not self._editable(source):
@@ -291,45 +292,45 @@ class DashboardState(param.Parameterized):
         return self._graphs[(layers, depth)].with_figures(self._table, self.sensitivity_frame())
 
     # -- background tasks ------------------------------------------------------------------------
-    def run_task(self, what: str, work, done=None, ui=None, source: str = "") -> threading.Thread | None:
+    def run_task(self, what: str, work, done=None, ui=None) -> threading.Thread | None:
         """Run ``work()`` on a worker thread so the app stays responsive, then ``done(result)``
         through ``ui``: ``ui(fn, *args)`` runs ``fn`` where the views live (a served page's event
         loop; by default at once, on the worker). One task at a time (``task`` names it); an
-        exception becomes the message (of ``source``'s view) and the app keeps working. Returns
-        the thread, or None when another task is running."""
+        exception becomes the message and the app keeps working. Returns the thread, or None
+        when another task is running."""
         with self._task_lock:
             if self.task:
-                self.notify(f"wait for the {self.task} to finish", "warning", source)
+                self.notify(f"wait for the {self.task} to finish", "warning")
                 return None
             self.task = what
-        thread = threading.Thread(target=self._task, args=(what, work, done, ui or _now, source),
+        thread = threading.Thread(target=self._task, args=(what, work, done, ui or _now),
                                   name=f"qviz: {what}", daemon=True)
         thread.start()
         return thread
 
-    def _task(self, what: str, work, done, ui, source: str) -> None:
+    def _task(self, what: str, work, done, ui) -> None:
         try:
             result = work()
         except Exception as exc:  # noqa: BLE001 - a failed task is a message, not a dead app
-            ui(self._fail, what, exc, source)
+            ui(self._fail, what, exc)
         else:
-            ui(self._finish, what, done, result, source)
+            ui(self._finish, what, done, result)
 
-    def _finish(self, what: str, done, result, source: str) -> None:
+    def _finish(self, what: str, done, result) -> None:
         try:
             if done is not None:
                 done(result)
         except Exception as exc:  # noqa: BLE001 - as in _task
-            self._fail(what, exc, source)
+            self._fail(what, exc)
         finally:
             self.task = ""
 
-    def _fail(self, what: str, exc: Exception, source: str) -> None:
+    def _fail(self, what: str, exc: Exception) -> None:
         if isinstance(exc, QvizError):
-            self.notify(str(exc), "danger", source)
+            self.notify(str(exc), "danger")
         else:
             log.error("qviz: the %s failed", what, exc_info=exc)
-            self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger", source)
+            self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger")
         self.task = ""
 
 
