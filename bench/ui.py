@@ -133,13 +133,14 @@ def _serve_floor():
     """Serve :func:`floor_app` as :func:`qviz.ui.serve.serve` serves the app (same options)."""
     import panel as pn
 
-    from qviz.ui.serve import RunningServer, _wait_for_port, free_port, websocket_origins
+    from qviz.ui.serve import RunningServer, Visitors, _wait_for_port, free_port, websocket_origins
 
     port = free_port()
     thread = pn.serve(floor_app, port=port, address="127.0.0.1", threaded=True, show=False, verbose=False,
                       websocket_origin=websocket_origins("127.0.0.1", port))
     _wait_for_port("127.0.0.1", port, thread)
-    return RunningServer(url=f"http://127.0.0.1:{port}/", port=port, address="127.0.0.1", thread=thread)
+    return RunningServer(url=f"http://127.0.0.1:{port}/", port=port, address="127.0.0.1", thread=thread,
+                         visitors=Visitors())
 
 
 def _side_by_side(browser, app_url: str, floor_url: str, layers: int, runs: int):

@@ -1,6 +1,7 @@
 """The ``qviz`` command line: ``qviz demo`` prints the per-layer table of the embedded demo;
 ``qviz serve PATH`` / ``qviz serve --demo`` serves the interactive app (``--compare OTHER`` adds a
-Compare tab); ``qviz report PATH -o OUT`` writes the HTML report of a session file."""
+Compare tab); ``qviz report PATH -o OUT`` writes the HTML report of a session file (``--demo --sweep``: of a
+fresh demo run with its sensitivity sweep)."""
 
 from __future__ import annotations
 
@@ -40,13 +41,25 @@ def format_table(session) -> str:
     return "\n".join(lines)
 
 
-def _cmd_demo(args) -> int:
-    if args.model == "minilm":
+def _demo(model: str, flow: str | None, backend: str, latency: bool = False):
+    """The named demo's session, run (``qviz demo``, ``qviz report --demo``)."""
+    if model == "minilm":
         from qviz.demo.minilm import minilm_session
 
-        session = minilm_session(args.flow or "pt2e", args.backend, latency=args.latency)
-    else:
-        session = demo_session(args.flow or "fx", args.backend, latency=args.latency)
+        return minilm_session(flow or "pt2e", backend, latency=latency)
+    return demo_session(flow or "fx", backend, latency=latency)
+
+
+def _sweep(session) -> None:
+    """The sensitivity sweep, with one progress line on stderr (``--sweep``)."""
+    print("qviz: running the sensitivity sweep (about one forward per layer and variant)", file=sys.stderr)
+    session.sensitivity()
+
+
+def _cmd_demo(args) -> int:
+    session = _demo(args.model, args.flow, args.backend, args.latency)
+    if args.sweep:
+        _sweep(session)
     print(format_table(session))
     if args.save:
         session.save(args.save)
@@ -74,7 +87,16 @@ def _cmd_report(args) -> int:
     from qviz.report import write_report
     from qviz.session import load
 
-    path = write_report(load(args.path), args.output)
+    if (args.path is None) == (not args.demo):
+        raise QvizError("give a session file (qviz report run.qviz -o report.html) or --demo, not both")
+    session = _demo(args.demo, None, "x86") if args.demo else load(args.path)
+    if args.sweep:
+        if args.path is not None:
+            raise QvizError(
+                f"{args.path} holds results only, so the report cannot run a sweep on it: sweep before "
+                "saving (s.sensitivity(); s.save(...), or qviz demo --sweep --save PATH), or use --demo")
+        _sweep(session)
+    path = write_report(session, args.output)
     print(f"qviz: wrote the report {path}")
     return 0
 
@@ -95,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.add_argument("--latency", action="store_true",
                       help="also time the quantized and float models (median of repeated runs)")
+    demo.add_argument("--sweep", action="store_true",
+                      help="also run the sensitivity sweep (saved with --save, so its report ranks the layers)")
     demo.set_defaults(func=_cmd_demo)
     srv = sub.add_parser("serve", help="serve the interactive app for a session file or the demo")
     srv.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
@@ -110,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "saying so until a tab is closed")
     srv.add_argument("--no-show", action="store_true", help="do not open a browser")
     srv.set_defaults(func=_cmd_serve)
-    rep = sub.add_parser("report", help="write the HTML report (one self-contained file) of a session file")
-    rep.add_argument("path", help="a session file written by session.save() / qviz demo --save")
+    rep = sub.add_parser("report", help="write the HTML report (one self-contained file) of a session file or a demo")
+    rep.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
+    rep.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm"],
+                     help="report on a fresh run of a demo instead: digits (the default) or minilm")
+    rep.add_argument("--sweep", action="store_true",
+                     help="run the sensitivity sweep first, so the report ranks the layers (with --demo; a "
+                     "session file holds results only: sweep before saving it)")
     rep.add_argument("-o", "--output", required=True, metavar="OUT", help="the HTML file to write, e.g. report.html")
     rep.set_defaults(func=_cmd_report)
     return parser

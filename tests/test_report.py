@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import importlib
 import math
 import os
 import re
@@ -20,6 +19,7 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 import qviz
+from qviz.analysis.diagnosis import diagnose
 from qviz.cli import demo_session, main
 from qviz.demo import calibration_batches, load_demo_model
 from qviz.report import build_report, write_report
@@ -121,29 +121,6 @@ def assert_table_equals(table: dict, frame: pd.DataFrame, index_name: str = "lay
                 assert math.isclose(float(text), float(value), rel_tol=1e-4), where
 
 
-def _hand_built_sweep(table: pd.DataFrame) -> pd.DataFrame:
-    """A frame with the sensitivity contract's columns (used only while qviz has no sweep)."""
-    local = table["local_sqnr"].astype(float)
-    frame = pd.DataFrame({
-        "quantize_only": 40.0 - local / 10, "skip_only": 35.0 + local / 100,
-        "weight_only": 45.0 - local / 20, "activation_only": 42.0 - local / 30,
-        "sensitivity": 50.0 - local, "float_metric": np.inf,
-    }, index=table.index).sort_values("sensitivity", ascending=False)
-    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-    frame.attrs["metric"] = "output_sqnr"
-    return frame
-
-
-def _has(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo session, its session file saved before any sweep, and the sweep's frame."""
@@ -151,11 +128,7 @@ def demo(tmp_path_factory):
     session = demo_session(progress=False)
     saved = folder / "demo.qviz"
     session.save(saved)
-    if _has("qviz.analysis.sensitivity") and callable(getattr(type(session), "sensitivity", None)):
-        sweep = session.sensitivity().to_dataframe()
-    else:
-        sweep = _hand_built_sweep(session.to_dataframe())
-        session.results.sensitivity = sweep
+    sweep = session.sensitivity().to_dataframe()
     return session, saved, sweep, folder
 
 
@@ -257,37 +230,23 @@ def test_plan_section_live_and_loaded(demo, report, tmp_path):
     parsed = ParsedReport(text)
     assert "plan-code" not in parsed.pre and "no plan: session files keep results" in text
     assert_table_equals(parsed.tables["layer-table"], session.to_dataframe())
-    if getattr(loaded.results, "sensitivity", None) is None:
-        assert "no sensitivity sweep in this session: run s.sensitivity()" in text
+    assert loaded.results.sensitivity is None  # saved before the sweep
+    assert "no sensitivity sweep in this session: run s.sensitivity()" in text
 
 
-def test_missing_sweep_and_diagnosis_say_so(demo, monkeypatch):
+def test_missing_sweep_says_so(demo, monkeypatch):
     session = demo[0]
-    monkeypatch.setattr(session.results, "sensitivity", None, raising=False)
-    monkeypatch.setitem(sys.modules, "qviz.analysis.diagnosis", None)  # as if not installed
+    monkeypatch.setattr(session.results, "sensitivity", None)
     text = build_report(session)
     assert "no sensitivity sweep in this session: run s.sensitivity()" in text
-    assert "no diagnosis: this qviz has no qviz.analysis.diagnosis module" in text
-    assert 'id="sensitivity-table"' not in text and 'id="diagnosis-table"' not in text
+    assert 'id="sensitivity-table"' not in text
 
 
-def test_diagnosis_table(demo, report, monkeypatch):
+def test_diagnosis_table(demo, report):
     session, _, sweep, _ = demo
-    if _has("qviz.analysis.diagnosis"):
-        from qviz.analysis.diagnosis import diagnose
-
-        expected = diagnose(session.results, sweep)
-        text = report[1]
-    else:  # stand-in with the contract's columns until qviz ships its diagnosis
-        expected = pd.DataFrame({"layer": ["fc2"], "cause": ["outliers <clipped>"],
-                                 "evidence": ["clip_frac 0.16%"], "fix": ["percentile"], "severity": ["high"]})
-        fake = type(sys)("qviz.analysis.diagnosis")
-        fake.diagnose = lambda results, frame: expected
-        monkeypatch.setitem(sys.modules, "qviz.analysis.diagnosis", fake)
-        text = build_report(session)
-    if expected.empty:
-        assert "no problem found" in text
-        return
+    expected = diagnose(session.results, sweep)
+    assert not expected.empty  # the demo's sweep flags its sensitive layers
+    text = report[1]
     table = ParsedReport(text).tables["diagnosis-table"]
     assert table["head"] == list(expected.columns)
     assert [[c for c, _ in row] for row in table["rows"]] == [[str(v) for v in r] for r in expected.itertuples(index=False)]
@@ -329,15 +288,35 @@ def test_write_is_atomic_and_errors_are_qviz_errors(demo, tmp_path, monkeypatch)
 def test_cli_writes_the_report(demo, tmp_path, capsys):
     session, _, sweep, _ = demo
     saved = tmp_path / "swept.qviz"
-    session.save(saved)  # after the sweep: a session file that keeps it, when qviz saves sweeps
+    session.save(saved)  # after the sweep: the session file keeps it
     out = tmp_path / "cli.html"
     assert main(["report", str(saved), "-o", str(out)]) == 0
     assert "wrote the report" in capsys.readouterr().out
     parsed = ParsedReport(out.read_text(encoding="utf-8"))
     assert_table_equals(parsed.tables["layer-table"], session.to_dataframe())
-    if getattr(qviz.load(saved).results, "sensitivity", None) is not None:
-        columns = [c for c in SENSITIVITY_COLUMNS if c in sweep] + [c for c in sweep if c not in SENSITIVITY_COLUMNS]
-        assert_table_equals(parsed.tables["sensitivity-table"], sweep[columns])
+    columns = [c for c in SENSITIVITY_COLUMNS if c in sweep] + [c for c in sweep if c not in SENSITIVITY_COLUMNS]
+    assert_table_equals(parsed.tables["sensitivity-table"], sweep[columns])
+
+
+def test_cli_reports_a_demo_run_with_its_sweep(demo, tmp_path, capsys):
+    session, _, sweep, _ = demo
+    out = tmp_path / "demo.html"
+    assert main(["report", "--demo", "--sweep", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "running the sensitivity sweep" in captured.err and "wrote the report" in captured.out
+    parsed = ParsedReport(out.read_text(encoding="utf-8"))
+    assert_table_equals(parsed.tables["layer-table"], session.to_dataframe())  # the demo is deterministic
+    columns = [c for c in SENSITIVITY_COLUMNS if c in sweep] + [c for c in sweep if c not in SENSITIVITY_COLUMNS]
+    assert_table_equals(parsed.tables["sensitivity-table"], sweep[columns])
+
+
+def test_cli_cannot_sweep_a_session_file_and_says_what_to_do(demo, tmp_path, capsys):
+    out = tmp_path / "never.html"
+    assert main(["report", str(demo[1]), "--sweep", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds results only" in err and "qviz demo --sweep --save" in err and not out.exists()
+    assert main(["report", "-o", str(out)]) == 2
+    assert "give a session file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign"])

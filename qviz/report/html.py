@@ -18,7 +18,6 @@ import datetime
 import functools
 import gzip
 import html
-import importlib
 import json
 import math
 import numbers
@@ -30,6 +29,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from qviz import __version__
+from qviz.analysis.diagnosis import diagnose
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
@@ -134,18 +134,6 @@ def _sensitivity_metric(results, frame: pd.DataFrame) -> str:
     meta = getattr(results, "meta", None) or {}
     return str(frame.attrs.get("metric") or getattr(results, "sensitivity_metric", None)
                or meta.get("sensitivity_metric") or "the metric")
-
-
-def diagnosis_frame(results, sensitivity: pd.DataFrame | None) -> pd.DataFrame | None:
-    """``qviz.analysis.diagnosis.diagnose(results, sensitivity)``; None where that module is
-    not part of this qviz."""
-    try:
-        module = importlib.import_module("qviz.analysis.diagnosis")
-    except ModuleNotFoundError as exc:
-        if exc.name != "qviz.analysis.diagnosis":
-            raise
-        return None
-    return module.diagnose(results, sensitivity)
 
 
 def _activation_record(results, layer: str):
@@ -323,10 +311,8 @@ def _outliers_section(session) -> str:
                                   "layer), session.outliers()") + "</section>")
 
 
-def _diagnosis_section(frame: pd.DataFrame | None) -> str:
+def _diagnosis_section(frame: pd.DataFrame) -> str:
     head = '<section id="diagnosis"><h2>Diagnosis</h2>'
-    if frame is None:
-        return head + _note("no diagnosis: this qviz has no qviz.analysis.diagnosis module") + "</section>"
     if frame.empty:
         return head + _note("no problem found: no layer shows a known cause of quantization error") + "</section>"
     return head + frame_table(frame, table_id="diagnosis-table", index=False) + "</section>"
@@ -373,7 +359,7 @@ def build_report(session, *, title: str | None = None) -> str:
         _depth_section(results.table),
         _histogram_section(results),
         _outliers_section(session),
-        _diagnosis_section(diagnosis_frame(results, sens)),
+        _diagnosis_section(diagnose(results, sens)),
         _plan_section(session, results),
         _layers_section(results.table),
     ])
