@@ -44,10 +44,17 @@ TEMPLATE = go.layout.Template(layout={
 })
 
 
-def layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
-    fig.update_layout(title={"text": title, "x": 0.01, "font": {"size": 14}}, height=height,
-                      margin={"l": 55, "r": 15, "t": 40, "b": 45}, template=TEMPLATE,
-                      legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
+def layout(fig: go.Figure, title: str, height: int = 320, detail: str = "") -> go.Figure:
+    """The house look: the title (and a smaller ``detail`` line under it) at the top left, the
+    legend, when there is one, in its own band between them and the plot. Beside the title the
+    legend ran over long titles on narrow screens; here it lies over neither title nor data."""
+    text = f"{title}<br><span style='font-size: 12px'>{detail}</span>" if detail else title
+    legend = sum(trace.showlegend is not False for trace in fig.data) > 1
+    top = 40 + (20 if detail else 0) + (24 if legend else 0)
+    fig.update_layout(title={"text": text, "x": 0.01, "y": 1, "yref": "container", "yanchor": "top",
+                             "pad": {"t": 14}, "font": {"size": 14}},
+                      height=height, margin={"l": 55, "r": 15, "t": top, "b": 45}, template=TEMPLATE,
+                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1, "yanchor": "bottom"})
     return fig
 
 
@@ -81,7 +88,9 @@ def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
         shapes.append({"type": "line", "xref": "x", "x0": selected, "x1": selected, "yref": "paper", "y0": 0,
                        "y1": 1, "name": "selected", "line": {"color": "#444", "width": 2, "dash": "dash"}})
     fig.update_layout(shapes=shapes)  # at once: add_shape re-validates every shape on each call
-    fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
+    if len(layers) > 8:  # else plotly's "auto" turns the names only when they would overlap
+        fig.update_xaxes(tickangle=-45)
+    fig.update_xaxes(type="category")
     finite = [float(v) for c in ("local_sqnr", "output_sqnr") for v in ordered[c].astype(float) if np.isfinite(v)]
     if finite:  # the guide lines stay in view even when every layer is far above them
         lo, hi = min(*finite, RED_DB), max(*finite, AMBER_DB)
@@ -197,12 +206,7 @@ def histogram_figure(record, layer: str, *, log_y: bool = True, max_bars: int = 
         fig.update_yaxes(title_text="count", type="log", dtick=1)
     else:
         fig.update_yaxes(title_text="count", type="linear")
-    if not detail:
-        return layout(fig, title)
-    # the numbers on a second line: on one, a long layer name runs under the legend
-    layout(fig, f"{title}<br><span style='font-size: 12px'>{detail}</span>")
-    fig.update_layout(margin={"t": 62})
-    return fig
+    return layout(fig, title, detail=detail)  # the numbers on their own line: a long name needs the room
 
 
 # -- per-channel weights ---------------------------------------------------------------------------
@@ -213,9 +217,9 @@ def weight_scale_figure(record, layer: str) -> go.Figure:
     scale = np.asarray(record.arrays.get("scale", []), dtype=np.float64).reshape(-1)
     qscheme = str(record.info.get("qscheme", ""))
     unit = "group" if qscheme.startswith("per_group") else "channel"
-    title = f"{layer}: weight scale per {unit} ({qscheme})"
+    title, detail = f"{layer}: weight scale per {unit}", f"({qscheme})"
     if scale.size == 0:
-        return message_figure(title, "no weight scale recorded for this layer")
+        return message_figure(f"{title} {detail}", "no weight scale recorded for this layer")
     if scale.size == 1 and qscheme in _PER_TENSOR:
         return per_tensor_weight_figure(record, layer, float(scale[0]))
     zp = np.asarray(record.arrays.get("zero_point", np.zeros_like(scale)), dtype=np.float64).reshape(-1)
@@ -225,10 +229,10 @@ def weight_scale_figure(record, layer: str) -> go.Figure:
     fig = go.Figure(go.Bar(x=channels, y=scale, name="scale", customdata=zp, marker={"color": "#72b7b2"},
                            hovertemplate=unit + " %{x}<br>scale %{y:.4g}<br>zero point %{customdata}<extra></extra>"))
     if scale.size > 1 and scale.min() > 0:
-        title += f" · {scale.size} {unit}s, max/min {scale.max() / scale.min():.1f}x"
+        detail += f" · {scale.size} {unit}s, max/min {scale.max() / scale.min():.1f}x"
     fig.update_xaxes(title_text="output channel" if unit == "channel" else "group (output channel-major)")
     fig.update_yaxes(title_text="scale")
-    return layout(fig, title, height=260)
+    return layout(fig, title, height=280, detail=detail)
 
 
 def per_tensor_weight_figure(record, layer: str, scale: float) -> go.Figure:
@@ -236,9 +240,10 @@ def per_tensor_weight_figure(record, layer: str, scale: float) -> go.Figure:
     get on its own (its abs-max over qmax), so the channels that one scale serves badly show."""
     qscheme = str(record.info.get("qscheme", ""))
     absmax = np.asarray(record.arrays.get("channel_absmax", []), dtype=np.float64).reshape(-1)
-    title = f"{layer}: weight scale, one for the tensor ({qscheme}): {scale:.4g}"
+    title, detail = f"{layer}: weight scale, one for the tensor", f"({qscheme}): {scale:.4g}"
     if absmax.size == 0:
-        return message_figure(title, "one scale for the whole weight; no per-channel ranges were recorded", 260)
+        return message_figure(f"{title} {detail}", "one scale for the whole weight; no per-channel ranges were "
+                              "recorded", 260)
     own = absmax / float(record.info.get("quant_max", 127))
     channels = np.arange(absmax.size)
     fig = go.Figure(go.Bar(x=channels, y=own, name="each channel's own scale (abs-max / qmax)",
@@ -248,6 +253,4 @@ def per_tensor_weight_figure(record, layer: str, scale: float) -> go.Figure:
                              line={"color": "#444", "dash": "dash"}, hoverinfo="skip"))
     fig.update_xaxes(title_text="output channel", range=[-0.5, absmax.size - 0.5])
     fig.update_yaxes(title_text="scale")
-    layout(fig, title, height=260)
-    fig.update_layout(margin={"t": 62}, legend={"y": 1.0})  # the legend under the title, not on it
-    return fig
+    return layout(fig, title, height=300, detail=detail)

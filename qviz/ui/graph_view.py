@@ -127,8 +127,7 @@ def graph_figure(graph: ModelGraph, figure: str, selected: str | None = None) ->
     fig.update_yaxes(visible=False, range=[-levels + 0.4, 0.6])
     title = "Model graph (click a node to select its layer)"
     figures.layout(fig, title, height=height)
-    fig.update_layout(clickmode="event", hovermode="closest", dragmode="pan", margin={"l": 15, "r": 15, "t": 70},
-                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1, "yanchor": "bottom"})
+    fig.update_layout(clickmode="event", hovermode="closest", dragmode="pan", margin={"l": 15, "r": 15})
     return fig
 
 

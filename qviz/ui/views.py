@@ -132,7 +132,9 @@ class SummaryView(_StateView):
         self.size = pn.indicators.Number(label="weight size vs float", format="{value:.1f} %", **common)
         self.speedup = pn.indicators.Number(label="speed-up vs float", format="{value:.2f}x", visible=False,
                                             **common)
-        self.details = pn.pane.Markdown("", margin=(10, 20), styles={"color": "#555"})
+        # the width the figures leave, its words wrapped: on one line it ran off a 900 px screen
+        self.details = pn.pane.Markdown("", margin=(10, 20), styles={"color": "#555"}, sizing_mode="stretch_width",
+                                        min_width=160)
         self.state.param.watch(self._update, "version")
         self._update()
 
