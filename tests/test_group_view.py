@@ -90,7 +90,8 @@ def test_the_editor_offers_the_group_sizes_that_fit(session):
     state = DashboardState(session)
     editor = ConfigEditor(state=state)
     widget = editor.widgets["group_size"]
-    assert widget.visible and widget.options == {"session's": None, "32": 32, "64": 64, "128": 128}
+    assert widget.visible and widget.options == {"session's": 0, "32": 32, "64": 64, "128": 128}
+    assert editor.group_size == 0 and editor.changes() == {}  # 0 stands for None, the session's
     select(state, "2")  # 24 inputs: none of 32/64/128 fit, nor the session's 32; its own 8 does
     assert widget.options == {"8": 8} and editor.group_size == 8
     select(state, "0")

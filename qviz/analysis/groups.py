@@ -146,10 +146,12 @@ def group_matrix(frame: pd.DataFrame, value: str) -> np.ndarray:
 
 
 def worst_groups(frame: pd.DataFrame) -> dict:
-    """A layer's summary: its groups' median and worst SQNR (dB) and where the worst one lies."""
+    """A layer's summary: its output channels, groups per channel, the groups' median and worst
+    SQNR (dB) and where the worst one lies."""
     worst = frame.loc[frame["sqnr"].idxmin()] if frame["sqnr"].notna().any() else None
     return {"layer": frame.attrs["layer"], "group_size": frame.attrs["group_size"], "source": frame.attrs["source"],
-            "groups": len(frame), "median_sqnr": float(frame["sqnr"].median()),
+            "output_channels": int(frame["output_channel"].max()) + 1, "groups": int(frame["group"].max()) + 1,
+            "median_sqnr": float(frame["sqnr"].median()),
             "worst_sqnr": np.nan if worst is None else float(worst["sqnr"]),
             "worst_channel": -1 if worst is None else int(worst["output_channel"]),
             "worst_group": -1 if worst is None else int(worst["group"])}

@@ -46,8 +46,8 @@ def group_heatmap(frame: pd.DataFrame, value: str = "sqnr", title: str | None = 
         fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=g - 0.5, y1=g + 0.5, name="worst",
                       line={"color": figures.RED, "width": 2}, fillcolor="rgba(0,0,0,0)")
     plot = min(MAX_PLOT_PX, max(MIN_PLOT_PX, ROW_PX * groups))
-    fig.update_yaxes(title_text=f"group of {size} inputs", autorange="reversed", range=None,
-                     tickmode="auto", nticks=min(groups, 12))
+    ticks = {"tickvals": list(range(groups))} if groups <= 16 else {"tickmode": "auto", "nticks": 12}
+    fig.update_yaxes(title_text=f"group of {size} inputs", autorange="reversed", **ticks)
     fig.update_xaxes(title_text="output channel", range=[-0.5, channels - 0.5])
     fig.update_layout(
         height=TOP_PX + BOTTOM_PX + plot,

@@ -33,8 +33,8 @@ class GroupView(_StateView):
     """The heat map of the selected layer's weight groups, with a group-size what-if."""
 
     value = param.Selector(default="sqnr", objects=list(TITLES), doc="What the heat map colours.")
-    group_size = param.Selector(default=None, objects=[None, *SIZES], doc="""
-        The what-if's group size; None: the layer's own (as converted, or the default).""")
+    group_size = param.Selector(default=0, objects=[0, *SIZES], doc="""
+        The what-if's group size; 0: the layer's own (as converted, or the default).""")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -44,7 +44,7 @@ class GroupView(_StateView):
             self.param.value, options={"SQNR (dB)": "sqnr", "scale": "scale"})
         self.size_picker = pn.widgets.Select.from_param(
             self.param.group_size, label="group size", width=160,
-            options={"layer's own": None, **{str(g): g for g in SIZES}})
+            options={"layer's own": 0, **{str(g): g for g in SIZES}})
         self.apply_button = pn.widgets.Button(label="Apply to this layer", color="primary", disabled=True,
                                               visible=self._can_apply_groups(), margin=(23, 10, 5, 10))
         self.apply_button.on_click(lambda _: self.apply())
@@ -85,7 +85,7 @@ class GroupView(_StateView):
                                       "columns of a Linear weight. Pick a Linear layer above.")
                 return
             try:
-                self.frame = self.state.weight_groups(layer, self.group_size)
+                self.frame = self.state.weight_groups(layer, self.group_size or None)
             except QvizError as exc:
                 self.frame, self.summary.object = None, ""
                 self._show_plot(None, f"No weight groups for {md(layer)}: {md(exc)}")
@@ -94,21 +94,22 @@ class GroupView(_StateView):
             plan = self.state.plan
             config = plan.get(layer) if plan is not None else None
             self.apply_button.disabled = not (
-                self._can_apply_groups() and self.group_size is not None and config is not None
+                self._can_apply_groups() and self.group_size and config is not None
                 and config.dtype == "int4" and config.group_size != self.group_size)
             self._show_plot(group_heatmap(self.frame, self.value))
 
     @staticmethod
     def _summary(frame) -> str:
         found = worst_groups(frame)
-        return (f"{found['groups']} groups of {found['group_size']} ({md(frame.attrs['source'])}): median SQNR "
+        return (f"{found['output_channels']} output channels × {found['groups']} groups of {found['group_size']} "
+                f"inputs ({md(frame.attrs['source'])}): median SQNR "
                 f"**{found['median_sqnr']:.2f} dB**, worst **{found['worst_sqnr']:.2f} dB** (output channel "
                 f"{found['worst_channel']}, group {found['worst_group']})")
 
     def apply(self) -> bool:
         """Make the picked group size the selected layer's (``session.apply``)."""
         layer = self.state.selected_layer
-        if layer is None or self.group_size is None:
+        if layer is None or not self.group_size:
             self.state.notify("pick a group size first", "info", "groups")
             return False
         with pn.io.hold():

@@ -387,8 +387,9 @@ class ConfigEditor(_StateView):
     activation = param.Selector(default="minmax", objects=list(OBSERVERS))
     percentile = param.Number(default=99.99, bounds=(50, 100), inclusive_bounds=(False, True), step=0.01)
     reduce_range = param.Boolean(default=False)
-    group_size = param.Selector(default=None, objects=[None, 32, 64, 128], check_on_set=False,
-                                doc="Input columns per int4 weight scale (torchao); None: the session's.")
+    # 0 stands for None (the session's group size): a Select showing None at first shows nothing
+    group_size = param.Selector(default=0, objects=[0, 32, 64, 128], check_on_set=False,
+                                doc="Input columns per int4 weight scale (torchao); 0: the session's.")
 
     _FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range", "group_size")
 
@@ -464,7 +465,7 @@ class ConfigEditor(_StateView):
                         values = self.state.choices(layer, field)  # and what it is now, always
                         values = values if config[field] in values else [config[field], *values]
                         self.widgets[field].options = _options(field, values)
-                self.param.update(**config)
+                self.param.update(**{**config, "group_size": config["group_size"] or 0})
 
     def _on_version(self, *_):
         self._load_layer()
@@ -478,7 +479,9 @@ class ConfigEditor(_StateView):
     def changes(self) -> dict:
         """The fields that differ from the selected layer's current configuration."""
         current = self.state.layer_config(self.state.selected_layer)
-        return {f: getattr(self, f) for f in self._FIELDS if getattr(self, f) != current[f]}
+        chosen = {f: getattr(self, f) for f in self._FIELDS}
+        chosen["group_size"] = chosen["group_size"] or None
+        return {f: v for f, v in chosen.items() if v != current[f]}
 
     def apply(self) -> bool:
         layer = self.state.selected_layer
@@ -529,7 +532,7 @@ def _options(field: str, values) -> list | dict:
     """A widget's options for ``field``'s ``values``; group sizes labelled (None: the session's)."""
     if field != "group_size":
         return list(values)
-    return {"session's" if v is None else str(v): v for v in values}
+    return {"session's" if v is None else str(v): v or 0 for v in values}  # 0: None, see group_size
 
 
 _COMPARED_TITLES = {"weight_sqnr": "weight SQNR", "local_sqnr": "local SQNR", "output_sqnr": "output SQNR",
