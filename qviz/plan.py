@@ -141,6 +141,8 @@ class LayerConfig:
         if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Integral) or g <= 0):
             raise ConfigError(f"group_size must be a positive int (e.g. 32, 64, 128) or None for the flow's, "
                               f"not {g!r}")
+        if g is not None:
+            object.__setattr__(self, "group_size", int(g))  # a numpy integer too: JSON needs an int
         if self.dtype == "int8" and self.activation_symmetric and self.reduce_range:
             raise ConfigError(
                 "activation_symmetric=True cannot be combined with reduce_range=True for int8: "

@@ -769,12 +769,14 @@ class Session:
             raise ConfigError(f"{layer!r} is no module of the model (a functional op): weight groups are for "
                               "nn.Linear modules") from None
         config = self.plan.get(layer) if self.plan is not None else None
+        own = config.group_size if config is not None else None
+        if self.flow.name == "torchao":  # what int4 is (or would be) here: the layer's, the flow's, per channel
+            default = own or self.flow.group_size or getattr(float_layer, "in_features", None)
+        else:
+            default = own or DEFAULT_GROUP_SIZE
         torchao_int4 = self.flow.name == "torchao" and config is not None and config.dtype == "int4"
-        default = (config.group_size if config is not None else None) or getattr(self.flow, "group_size", None)
-        return layer_groups(
-            layer, float_layer, self._quantized.get_submodule(layer) if torchao_int4 else None, group_size,
-            default or (float_layer.in_features if torchao_int4 else DEFAULT_GROUP_SIZE),
-            config.weight_symmetric if config is not None else True)
+        return layer_groups(layer, float_layer, self._quantized.get_submodule(layer) if torchao_int4 else None,
+                            group_size, default, config.weight_symmetric if config is not None else True)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import qviz
+from qviz.errors import ConfigError
 from qviz.plan import LayerConfig, Plan
 from qviz.report import build_report
 from qviz.ui.app import build_dashboard
@@ -107,5 +108,7 @@ def test_the_tab_exists_only_with_linear_layers_and_the_report_has_the_section(s
     convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
     fx = qviz.Session(convs, [torch.randn(2, 3, 8, 8, generator=g)], flow="fx", progress=False).run()
     assert "Groups" not in names(build_dashboard(fx))
+    with pytest.raises(ConfigError, match="'0' is Conv2d: weight groups are for Linear layers"):
+        fx.weight_groups("0")
     html = build_report(session)
     assert '<section id="groups">' in html and 'id="group-table"' in html and "qviz-groups" in html

@@ -162,6 +162,8 @@ def test_bad_group_sizes_get_clear_errors(tmp_path):
     for bad in (0, -32, True, "32", 32.0):
         with pytest.raises(ConfigError, match="group_size must be a positive int"):
             LayerConfig(dtype="int4", group_size=bad)
+    config = LayerConfig(dtype="int4", group_size=np.int64(64))  # a numpy integer is kept as an int
+    assert type(config.group_size) is int and '"group_size": 64' in Plan("x86", {"fc": config}).to_json()
     model = _hand_model()
     plan = Plan("x86", {"0": LayerConfig(dtype="int4"), "2": LayerConfig(dtype="int4", group_size=8)})
     s = qviz.Session(model, _data(2, 1), flow="torchao", scheme="int4_weight_only", plan=plan, progress=False).run()

@@ -140,6 +140,13 @@ def layer_groups(layer: str, float_layer: nn.Module, quantized_layer: nn.Module 
     return group_frame(layer, float_layer.weight, scale, zero_point, dequantized, size, "what-if", symmetric)
 
 
+def linear_rows(table: pd.DataFrame) -> list[str]:
+    """The rows of a session's table (``to_dataframe()``) that are Linear layers, in its order:
+    those whose weight groups there are to show."""
+    types = table["type"] if "type" in table else pd.Series("", index=table.index)
+    return [str(n) for n, t in types.items() if "Linear" in str(t)]
+
+
 def group_matrix(frame: pd.DataFrame, value: str) -> np.ndarray:
     """``value`` of :func:`group_frame`'s rows as a (group, output channel) array."""
     return frame[value].to_numpy().reshape(-1, int(frame["group"].max()) + 1).T

@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from qviz import __version__
-from qviz.analysis.groups import worst_groups
+from qviz.analysis.groups import linear_rows, worst_groups
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
@@ -337,8 +337,7 @@ def _groups_section(session) -> str:
                     "channel has its own scale, so one large weight coarsens its group only. torchao's own "
                     "scales where the torchao flow made the layer int4; elsewhere the what-if of torchao's "
                     "int4 at the layer's group size (32 by default), from the float weight"))
-    table = _results(session).table
-    layers = [str(n) for n in table.index if "Linear" in str(table.loc[n].get("type", ""))]
+    layers = linear_rows(_results(session).table)
     if not layers or not callable(getattr(session, "weight_groups", None)):
         return head + _note("no Linear layer whose weights to group") + "</section>"
     rows, worst = [], None

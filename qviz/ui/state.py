@@ -18,6 +18,7 @@ import pandas as pd
 import param
 
 from qviz.analysis.graph import ModelGraph, session_graph
+from qviz.analysis.groups import linear_rows
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 
@@ -275,7 +276,7 @@ class DashboardState(param.Parameterized):
 
     def group_layers(self) -> list[str]:
         """The layers whose weight groups can be shown: the table's Linear rows, in its order."""
-        return [n for n in self.layers if "Linear" in str(self._table.loc[n].get("type", ""))]
+        return linear_rows(self._table)
 
     def weight_groups(self, layer: str, group_size: int | None = None) -> pd.DataFrame:
         """``session.weight_groups(layer, group_size)``: the layer's int4 weight groups (see
