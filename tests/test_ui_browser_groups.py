@@ -87,3 +87,50 @@ def test_selecting_another_layer_in_the_table_redraws_it(server, new_page, artif
         "encoder.layer.5.intermediate.dense")
     wait_for(page, "encoder.layer.5.intermediate.dense", 3, 1536)  # 384 inputs / 128, 1536 outputs
     assert console.errors == []
+
+
+@pytest.fixture(scope="module")
+def torchao_server(chromium_path):
+    """A small torchao int4 session (two Linear layers), one fresh session per browser session."""
+    import torch
+    from torch import nn
+
+    import qviz
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+        data = [torch.randn(4, 256, generator=torch.Generator().manual_seed(1))]
+        return qviz.Session(model, data, flow="torchao", scheme="int4_weight_only", progress=False).run()
+
+    running = serve_recording(make)
+    yield running
+    running.stop()
+
+
+def test_apply_on_a_torchao_session_reconverts_the_layer_at_the_picked_group_size(torchao_server, new_page, artifacts):
+    page, console = new_page()
+    open_groups(page, torchao_server.url)
+    wait_for(page, "0", 8, 64)  # torchao's own: 256 inputs in groups of 32
+    assert "torchao's own scales" in drawn(page)[0]
+    apply = page.get_by_role("button", name="Apply to this layer")
+    expect(apply).to_be_disabled()
+    page.locator("select").filter(has=page.locator("option", has_text="layer's own")).select_option("128")
+    wait_for(page, "0", 2, 64)
+    assert "what-if" in drawn(page)[0]
+    expect(apply).to_be_enabled()
+    apply.click()
+    expect(page.get_by_text("applied 0: group_size=128")).to_be_visible()
+    deadline = time.monotonic() + 30
+    while "torchao's own scales" not in drawn(page)[0]:  # re-converted: torchao's scales at 128 now
+        assert time.monotonic() < deadline, drawn(page)
+        time.sleep(0.1)
+    session = torchao_server.sessions[-1]
+    assert session.plan["0"].group_size == 128 and session.quantized_model()[0].weight.block_size == (1, 128)
+    page.screenshot(path=artifacts / "ui-groups-applied.png", full_page=True)
+    page.locator(".bk-tab", has_text=re.compile(r"^Layers$")).click()
+    editor_size = page.locator("select").filter(has=page.locator("option", has_text="session's"))
+    expect(editor_size).to_be_visible()
+    assert editor_size.evaluate("e => e.selectedOptions[0].textContent") == "128"
+    page.screenshot(path=artifacts / "ui-groups-editor.png", full_page=True)
+    assert console.errors == []
