@@ -108,6 +108,9 @@ class LayerConfig:
     - ``reduce_range``: int8 activations use 7 bits (0..127). x86/fbgemm (and onednn on
       CPUs without VNNI) saturate 16-bit intermediate sums otherwise, which costs much
       accuracy. Ignored for int4, whose 4-bit products cannot overflow.
+    - ``group_size``: input columns per int4 weight scale (flow "torchao" only; None: the
+      flow's ``group_size``); a positive int dividing the layer's in_features, which the flow
+      checks. Ignored for other dtypes.
 
     Fields other than ``dtype`` matter for int8/int4 only; the dynamic flow uses torch's
     stock dynamic qconfigs, so there only ``dtype`` and ``weight`` apply.
@@ -120,6 +123,7 @@ class LayerConfig:
     percentile: float = 99.99
     activation_symmetric: bool = False
     reduce_range: bool = False
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -133,6 +137,12 @@ class LayerConfig:
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 50 < p <= 100:
             raise ConfigError(f"percentile must be a number in (50, 100], like 99.99, not {p!r}")
         object.__setattr__(self, "percentile", float(p))
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Integral) or g <= 0):
+            raise ConfigError(f"group_size must be a positive int (e.g. 32, 64, 128) or None for the flow's, "
+                              f"not {g!r}")
+        if g is not None:
+            object.__setattr__(self, "group_size", int(g))  # a numpy integer too: JSON needs an int
         if self.dtype == "int8" and self.activation_symmetric and self.reduce_range:
             raise ConfigError(
                 "activation_symmetric=True cannot be combined with reduce_range=True for int8: "
@@ -186,6 +196,8 @@ class LayerConfig:
             parts.append("symmetric activations")
         if self.reduce_range and self.dtype == "int8":
             parts.append("reduce_range")
+        if self.group_size is not None and self.dtype == "int4":
+            parts.append(f"group_size {self.group_size}")
         return ", ".join(parts)
 
 
@@ -413,6 +425,11 @@ def supported(config: LayerConfig, backend: str, layer_type, *, flow: str = "sta
                 "'fbgemm' only); use dtype 'int8' or 'float' on this backend"
             )
         return None
+    if config.dtype == "int4" and config.group_size is not None:
+        raise ConfigError(
+            f"group_size {config.group_size} applies to flow 'torchao' only: static int4 has one weight "
+            "scale per output channel or tensor; set group_size=None, or use flow='torchao'"
+        )
     if config.dtype == "fp16":
         raise ConfigError(
             f"dtype 'fp16' is not available for static quantization on backend {backend!r}: "

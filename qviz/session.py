@@ -24,6 +24,7 @@ from torch.ao.quantization.quantize_fx import prepare_fx
 from qviz import __version__
 from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
 from qviz.analysis.diagnosis import Thresholds, diagnose
+from qviz.analysis.groups import DEFAULT_GROUP_SIZE, layer_groups
 from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.outliers import collect as collect_outliers
 from qviz.analysis.outliers import outlier_frame
@@ -748,6 +749,34 @@ class Session:
                 self._outlier_stats = collect_outliers(
                     self._model, self._calib, lambda model, batch: run_batch(model, batch, "calib_data", 0, batch))
         return outlier_frame(self._outlier_stats, top)
+
+    def weight_groups(self, layer: str, group_size: int | None = None) -> pd.DataFrame:
+        """Linear ``layer``'s int4 weight groups: one row per (output channel, group) with its
+        scale, zero point, SQNR (dB) and relative error (see :mod:`qviz.analysis.groups`).
+        torchao's own figures where the torchao flow made the layer int4 at ``group_size``
+        (None: the layer's); otherwise the what-if of torchao's int4 at ``group_size`` (None: the
+        layer's, else 32), computed from the float weight. ``attrs`` say which (``source``)."""
+        if self._model is None:
+            raise QvizError("a session loaded from a file holds no weights: re-create it from the model to "
+                            "see its weight groups")
+        table = self._results().table
+        if layer not in table.index:
+            raise ConfigError(f"unknown layer {layer!r}: weight_groups() takes a row of to_dataframe(), "
+                              f"e.g. {table.index[0]!r}")
+        try:
+            float_layer = self._model.get_submodule(layer)
+        except AttributeError:
+            raise ConfigError(f"{layer!r} is no module of the model (a functional op): weight groups are for "
+                              "nn.Linear modules") from None
+        config = self.plan.get(layer) if self.plan is not None else None
+        own = config.group_size if config is not None else None
+        if self.flow.name == "torchao":  # what int4 is (or would be) here: the layer's, the flow's, per channel
+            default = own or self.flow.group_size or getattr(float_layer, "in_features", None)
+        else:
+            default = own or DEFAULT_GROUP_SIZE
+        torchao_int4 = self.flow.name == "torchao" and config is not None and config.dtype == "int4"
+        return layer_groups(layer, float_layer, self._quantized.get_submodule(layer) if torchao_int4 else None,
+                            group_size, default, config.weight_symmetric if config is not None else True)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see

@@ -109,7 +109,7 @@ def assert_table_equals(table: dict, frame: pd.DataFrame, index_name: str = "lay
             value = values[column]
             where = f"{name}.{column}"
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-                assert text == str(value), where
+                assert text == ("" if value is None else str(value)), where  # None: an empty cell
                 assert "data-value" not in attrs, where
                 continue
             exact = float(attrs["data-value"])
@@ -351,9 +351,9 @@ def test_report_renders_offline_in_chromium(report, new_page, artifacts):
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     page.goto(path.as_uri())
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 7")
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 8")
     figures = text.count('class="figure"')
-    assert page.locator(".js-plotly-plot").count() == figures == 7  # sensitivity, depth, 4 histograms, outliers
+    assert page.locator(".js-plotly-plot").count() == figures == 8  # sensitivity, depth, 4 histograms, outliers, groups
     bars = page.evaluate("document.querySelectorAll('.js-plotly-plot .trace.bars .point').length")
     assert bars > 50
     assert [u for u in requests if not u.startswith("file:")] == []

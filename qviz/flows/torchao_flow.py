@@ -11,8 +11,8 @@ Each ``nn.Linear`` gets the torchao config its plan entry asks for (through ``Fq
   The scheme also sets the default dtype of every Linear layer.
 
 int4 weights are grouped along the input dimension (``group_size``, None for one scale per
-output channel); torchao's ``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx
-configs, which run on CPU (weights stored as int8 holding 4-bit values). Convolutions,
+output channel; a layer's ``LayerConfig.group_size`` overrides it); torchao's
+``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx configs, which run on CPU (weights stored as int8 holding 4-bit values). Convolutions,
 norms and other layers stay float (torchao's configs are for Linear layers).
 ``quantize_`` keeps module names, so the usual per-module comparison applies; there are no
 observers: qviz records each Linear's input during the calibration pass (role "dynamic").
@@ -31,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import QuantPoint, check_backend
 from qviz.plan import LayerConfig, Plan
@@ -111,7 +112,8 @@ class TorchaoFlow:
     needs_calibration = False
     handed_over = False
     # plan fields it honours (see check_plan): no observers, nothing to calibrate
-    editable = {"dtype": ("int8", "int4", "float"), "weight": ("per_channel", "per_tensor")}
+    editable = {"dtype": ("int8", "int4", "float"), "weight": ("per_channel", "per_tensor"),
+                "group_size": (None, 32, 64, 128)}  # None: the flow's group_size
 
     def __init__(
         self, backend: str = "x86", scheme: str = "int8_dynamic", group_size: int | None = 32
@@ -225,6 +227,11 @@ class TorchaoFlow:
                 problems.append(
                     f"{name!r}: int4 weights are per group or per channel; set weight='per_channel'"
                 )
+            elif config.dtype == "int4" and config.group_size is not None:
+                if not group_size_fits(config.group_size, module.in_features):
+                    problems.append(f"{name!r}: group_size {config.group_size} does not divide its in_features "
+                                    f"({module.in_features}); use one of "
+                                    f"{', '.join(map(str, dividing_sizes(module.in_features)))} or None")
             elif (
                 config.dtype == "int4" and self.group_size and module.in_features % self.group_size
             ):
@@ -247,7 +254,8 @@ class TorchaoFlow:
                     granularity=[ao.PerRow(), weight], set_inductor_config=False
                 )
             return ao.Int8WeightOnlyConfig(granularity=weight, set_inductor_config=False)
-        granularity = ao.PerGroup(self.group_size) if self.group_size else ao.PerAxis(0)
+        group_size = config.group_size or self.group_size  # the layer's, else the flow's
+        granularity = ao.PerGroup(group_size) if group_size else ao.PerAxis(0)
         mapping = ao.MappingType.SYMMETRIC if config.weight_symmetric else ao.MappingType.ASYMMETRIC
         if dynamic:
             return ao.Int8DynamicActivationIntxWeightConfig(
@@ -267,9 +275,10 @@ class TorchaoFlow:
 
 
 def _group_size_problem(group_size: int, ungrouped: dict, modules: dict, plan: Plan) -> str:
-    """Which int4 layers ``group_size`` does not divide, and the sizes that divide every int4 layer."""
+    """Which int4 layers ``group_size`` does not divide, and the sizes that divide every int4 layer
+    grouped by it (not those with a group_size of their own)."""
     widths = [m.in_features for n, m in modules.items() if isinstance(m, nn.Linear)
-              and n in plan and plan[n].dtype == "int4"]
+              and n in plan and plan[n].dtype == "int4" and plan[n].group_size is None]
     common = math.gcd(*widths)
     sizes = [d for d in (256, 128, 64, 32, 16, 8, 4, 2) if common % d == 0][:4]
     listed = ", ".join(f"{n!r} ({w})" for n, w in list(ungrouped.items())[:6])
@@ -287,7 +296,6 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
     """Runnable Python (torch + torchao, no qviz) applying ``plan`` with ``quantize_``."""
     _check_scheme(scheme, group_size)
     dynamic = SCHEMES[scheme][1] == "dynamic"
-    granularity = f"PerGroup({group_size})" if group_size else "PerAxis(0)"
     names = {"FqnToConfig", "quantize_"}
 
     def expr(config: LayerConfig) -> str:
@@ -299,6 +307,8 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
                 return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}])"
             names.add("Int8WeightOnlyConfig")
             return f"Int8WeightOnlyConfig(granularity={weight})"
+        size = config.group_size or group_size  # the layer's, else the session's
+        granularity = f"PerGroup({size})" if size else "PerAxis(0)"
         names.update(("MappingType", granularity.split("(")[0]))
         mapping = "MappingType." + ("SYMMETRIC" if config.weight_symmetric else "ASYMMETRIC")
         if dynamic:

@@ -30,23 +30,28 @@ from plotly.offline import get_plotlyjs
 
 from qviz import __version__
 from qviz.analysis.diagnosis import diagnose
+from qviz.analysis.groups import linear_rows, worst_groups
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, LOADER, PAGE
 from qviz.ui import figures
+from qviz.ui.group_figure import group_heatmap
 from qviz.ui.outlier_figure import outlier_heatmap
 
 #: How many of the worst layers (by local_sqnr) get a histogram.
 WORST_LAYERS = 4
 #: The outlier table: at most this many channels per layer, this many rows in all.
 OUTLIER_CHANNELS, OUTLIER_ROWS = 3, 30
+#: The weight-group table: this many layers, those whose worst int4 group loses most.
+GROUP_LAYERS = 8
 SENSITIVITY_COLUMNS = ("rank", "quantize_only", "skip_only", "weight_only", "activation_only",
                        "sensitivity", "float_metric")
 _SQNR_COLUMNS = ("weight_sqnr", "local_sqnr", "output_sqnr")
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 _NAV = (("summary", "Summary"), ("sensitivity", "Sensitivity"), ("depth", "Error along depth"),
-        ("histograms", "Worst layers"), ("outliers", "Outliers"), ("diagnosis", "Diagnosis"), ("plan", "Plan"),
+        ("histograms", "Worst layers"), ("outliers", "Outliers"), ("groups", "Weight groups"),
+        ("diagnosis", "Diagnosis"), ("plan", "Plan"),
         ("layers", "Per-layer table"))
 
 
@@ -311,6 +316,38 @@ def _outliers_section(session) -> str:
                                   "layer), session.outliers()") + "</section>")
 
 
+def _groups_section(session) -> str:
+    """The int4 weight groups of every Linear layer (``session.weight_groups``): the layers whose
+    worst group has the lowest SQNR, and the heat map of the worst one; a note when the session
+    cannot group its weights (a loaded session holds none)."""
+    head = ('<section id="groups"><h2>Weight groups</h2>'
+            + _note("group-wise int4 (torchao's PerGroup): each run of group-size input columns of each output "
+                    "channel has its own scale, so one large weight coarsens its group only. torchao's own "
+                    "scales where the torchao flow made the layer int4; elsewhere the what-if of torchao's "
+                    "int4 at the layer's group size (32 by default), from the float weight"))
+    layers = linear_rows(_results(session).table)
+    if not layers or not callable(getattr(session, "weight_groups", None)):
+        return head + _note("no Linear layer whose weights to group") + "</section>"
+    rows, worst = [], None
+    for layer in layers:
+        try:
+            frame = session.weight_groups(layer)
+        except QvizError as exc:
+            if not getattr(session, "is_live", False):
+                return head + _note(f"not measured: {exc}") + "</section>"
+            continue  # a row that is no Linear module of the model (a functional op)
+        rows.append(worst_groups(frame))
+        if worst is None or rows[-1]["worst_sqnr"] < worst[0]:  # keep one frame only: the worst layer's
+            worst = (rows[-1]["worst_sqnr"], frame)
+    if worst is None:
+        return head + _note("no Linear module whose weights to group") + "</section>"
+    summary = pd.DataFrame(rows).sort_values("worst_sqnr", kind="stable").head(GROUP_LAYERS)
+    return (head + _figure(group_heatmap(worst[1]), "qviz-groups")
+            + frame_table(summary, table_id="group-table", index=False,
+                          caption=f"the {len(summary)} layers whose worst int4 group loses most (SQNR in dB), "
+                                  "session.weight_groups()") + "</section>")
+
+
 def _diagnosis_section(frame: pd.DataFrame) -> str:
     head = '<section id="diagnosis"><h2>Diagnosis</h2>'
     if frame.empty:
@@ -359,6 +396,7 @@ def build_report(session, *, title: str | None = None) -> str:
         _depth_section(results.table),
         _histogram_section(results),
         _outliers_section(session),
+        _groups_section(session),
         _diagnosis_section(diagnose(results, sens)),
         _plan_section(session, results),
         _layers_section(results.table),

@@ -16,6 +16,7 @@ from panel.viewable import Viewer
 
 from qviz.ui.compare_view import CompareView
 from qviz.ui.graph_view import GraphView
+from qviz.ui.group_view import GroupView
 from qviz.ui.markup import md
 from qviz.ui.outlier_view import OutlierView
 from qviz.ui.pareto_view import ParetoView
@@ -46,6 +47,7 @@ class Dashboard(Viewer):
         self.pareto = self._build("the mixed-precision view", ParetoView)
         self.qat = self._build("the QAT view", QatView)
         self.outliers = self._build("the outlier view", OutlierView)
+        self.groups = self._build("the weight group view", GroupView) if self.state.group_layers() else None
         self.compare = (None if compare_with is None else
                         self._build("the compare view", functools.partial(CompareView, other=compare_with)))
 
@@ -65,6 +67,8 @@ class Dashboard(Viewer):
         tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
                 ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
         tabs.insert(1, ("Graph", self.graph))
+        if self.groups is not None:  # only where there are Linear layers to group
+            tabs.append(("Groups", self.groups))
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
         names = [name for name, _ in tabs]
@@ -73,13 +77,15 @@ class Dashboard(Viewer):
         return [self.summary, self.messages, widget]
 
     def _opened(self, name: str) -> None:
-        """A tab was opened: the Outliers tab measures (a float pass over the calibration batches)
-        and the Graph tab traces and draws on first opening: a page not looking at them should
+        """A tab was opened: the Outliers tab measures (a float pass over the calibration batches),
+        the Graph tab traces and the Groups tab draws on first opening: a page not looking at them should
         not wait for them."""
         if name == "Outliers" and isinstance(self.outliers, OutlierView):
             self.outliers.show()
         if name == "Graph" and isinstance(self.graph, GraphView):
             self.graph.show()
+        if name == "Groups" and isinstance(self.groups, GroupView):
+            self.groups.show()
 
     def _layers_tab(self) -> pn.Row:
         """Layer table, depth chart and config editor beside the selected layer's view."""

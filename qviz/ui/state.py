@@ -18,6 +18,7 @@ import pandas as pd
 import param
 
 from qviz.analysis.graph import ModelGraph, session_graph
+from qviz.analysis.groups import linear_rows
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 DTYPES = ("int8", "int4", "fp16", "float")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile")
-CONFIG_FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range")
+CONFIG_FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range", "group_size")
 _CHOICES = {"dtype": DTYPES, "weight": WEIGHT_SCHEMES, "activation": OBSERVERS}
 _CONFIG_DEFAULTS = {"dtype": "int8", "weight": "per_channel", "activation": "minmax",
-                    "percentile": 99.99, "reduce_range": False}
+                    "percentile": 99.99, "reduce_range": False, "group_size": None}
 
 #: Numbers shown before/after an edit: the layer's row, then the model's summary.
 COMPARED_COLUMNS = ("weight_sqnr", "local_sqnr", "output_sqnr", "scale", "zero_point", "clip_frac")
@@ -272,6 +273,17 @@ class DashboardState(param.Parameterized):
         if self._channels is None:
             self._channels = self.outliers(top=2**62)  # a top wider than any layer: every channel
         return channel_matrix(self._channels, value, self.layers)
+
+    def group_layers(self) -> list[str]:
+        """The layers whose weight groups can be shown: the table's Linear rows, in its order."""
+        return linear_rows(self._table)
+
+    def weight_groups(self, layer: str, group_size: int | None = None) -> pd.DataFrame:
+        """``session.weight_groups(layer, group_size)``: the layer's int4 weight groups (see
+        :mod:`qviz.analysis.groups`). Raises QvizError (saying why) when the session cannot."""
+        if not callable(getattr(self.session, "weight_groups", None)):
+            raise QvizError("this session keeps no weights to group")
+        return self.session.weight_groups(layer, group_size)
 
     def graph(self, depth: int | None = None) -> ModelGraph:
         """The model's graph grouped to ``depth`` (None: every layer; see qviz.analysis.graph),

@@ -389,8 +389,11 @@ class ConfigEditor(_StateView):
     activation = param.Selector(default="minmax", objects=list(OBSERVERS))
     percentile = param.Number(default=99.99, bounds=(50, 100), inclusive_bounds=(False, True), step=0.01)
     reduce_range = param.Boolean(default=False)
+    # 0 stands for None (the session's group size): a Select showing None at first shows nothing
+    group_size = param.Selector(default=0, objects=[0, 32, 64, 128], check_on_set=False,
+                                doc="Input columns per int4 weight scale (torchao); 0: the session's.")
 
-    _FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range")
+    _FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range", "group_size")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -398,10 +401,11 @@ class ConfigEditor(_StateView):
         self.messages = MessageView(state=self.state, source="apply")  # under Apply, where the user looks
         kinds = {"dtype": pn.widgets.RadioButtonGroup, "weight": pn.widgets.RadioButtonGroup,
                  "activation": pn.widgets.Select, "percentile": pn.widgets.FloatInput,
-                 "reduce_range": pn.widgets.Checkbox}
+                 "reduce_range": pn.widgets.Checkbox, "group_size": pn.widgets.Select}
         self.widgets = {f: kinds[f].from_param(getattr(self.param, f), label=f.replace("_", " "))
                         for f in self._FIELDS}
         self._limit_to_flow()
+        self.widgets["group_size"].visible = "group_size" in (self.state.editable or {})
         self.param.watch(self._toggle_percentile, "activation")
         self.apply_button = pn.widgets.Button(label="Apply", color="primary")
         self.undo_button = pn.widgets.Button(label="Undo", color="default")
@@ -438,7 +442,7 @@ class ConfigEditor(_StateView):
         for field, widget in self.widgets.items():
             widget.disabled = field not in editable
             if editable.get(field):
-                widget.options = list(editable[field])
+                widget.options = _options(field, editable[field])
         flow = getattr(getattr(self.state.session, "flow", None), "name", "this flow")
         self.flow_note.object = md(f"flow {flow}: only {', '.join(editable)} apply here; other options "
                                    "need a session of your own quantizer or flow")
@@ -458,10 +462,12 @@ class ConfigEditor(_StateView):
         if layer is not None:
             config = self.state.layer_config(layer)
             with pn.io.hold():
-                for field in ("dtype", "weight"):  # only what this layer can be under this flow and backend
-                    if not self.widgets[field].disabled:
-                        self.widgets[field].options = self.state.choices(layer, field)
-                self.param.update(**config)
+                for field in ("dtype", "weight", "group_size"):  # what this layer can be under this flow
+                    if not self.widgets[field].disabled and self.widgets[field].visible:
+                        values = self.state.choices(layer, field)  # and what it is now, always
+                        values = values if config[field] in values else [config[field], *values]
+                        self.widgets[field].options = _options(field, values)
+                self.param.update(**{**config, "group_size": config["group_size"] or 0})
 
     def _on_version(self, *_):
         self._load_layer()
@@ -475,7 +481,9 @@ class ConfigEditor(_StateView):
     def changes(self) -> dict:
         """The fields that differ from the selected layer's current configuration."""
         current = self.state.layer_config(self.state.selected_layer)
-        return {f: getattr(self, f) for f in self._FIELDS if getattr(self, f) != current[f]}
+        chosen = {f: getattr(self, f) for f in self._FIELDS}
+        chosen["group_size"] = chosen["group_size"] or None
+        return {f: v for f, v in chosen.items() if v != current[f]}
 
     def apply(self) -> bool:
         layer = self.state.selected_layer
@@ -520,6 +528,13 @@ class ConfigEditor(_StateView):
                          self.compare_box,
                          pn.pane.Markdown("##### Plan as code", margin=(0, 10)), self.code, self.download,
                          visible=self.enabled, sizing_mode="stretch_width")
+
+
+def _options(field: str, values) -> list | dict:
+    """A widget's options for ``field``'s ``values``; group sizes labelled (None: the session's)."""
+    if field != "group_size":
+        return list(values)
+    return {"session's" if v is None else str(v): v or 0 for v in values}  # 0: None, see group_size
 
 
 _COMPARED_TITLES = {"weight_sqnr": "weight SQNR", "local_sqnr": "local SQNR", "output_sqnr": "output SQNR",
