@@ -22,7 +22,14 @@ from torch import nn
 from torch.ao.quantization.quantize_fx import prepare_fx
 
 from qviz import __version__
-from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
+from qviz.analysis.algorithms import METHODS, compare_algorithms
+from qviz.analysis.compare import (
+    Comparator,
+    find_layers,
+    model_output,
+    serialized_size,
+    weight_record,
+)
 from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.outliers import collect as collect_outliers
@@ -748,6 +755,28 @@ class Session:
                 self._outlier_stats = collect_outliers(
                     self._model, self._calib, lambda model, batch: run_batch(model, batch, "calib_data", 0, batch))
         return outlier_frame(self._outlier_stats, top)
+
+    def algorithms(self, layers=None, methods=METHODS, dtype: str = "int4", group_size: int | None = 32,
+                   alpha: float = 0.5) -> pd.DataFrame:
+        """RTN vs SmoothQuant (migration strength ``alpha``) vs AWQ vs GPTQ vs HQQ on each of
+        ``layers`` (a name or names; every linear layer by default), weights ``dtype`` ("int4" per
+        group of ``group_size``, or "int8" per channel): one row per (layer, algorithm) with the
+        layer's output ``sqnr`` over the calibration batches, ``gain_vs_rtn_db``, ``model_sqnr``
+        (only that layer changed, on the eval batches) and ``did_nothing`` (see
+        :mod:`qviz.analysis.algorithms`). The float model is not modified."""
+        if self._model is None:
+            raise QvizError("a session loaded from a file holds no model: re-create it from the model to "
+                            "compare quantization algorithms")
+
+        def run(model, batch):
+            return run_batch(model, batch, "calib_data", 0, batch)
+
+        def output(model, batch):
+            return model_output(run_batch(model, batch, self._eval_name, 0, batch), self.output_fn)
+
+        with quiet_torch():
+            return compare_algorithms(self._model, self._calib, run, layers=layers, methods=methods, dtype=dtype,
+                                      group_size=group_size, alpha=alpha, eval_batches=self._eval, output=output)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see
