@@ -657,9 +657,12 @@ class Session:
 
     def diagnose(self, thresholds: Thresholds | None = None) -> pd.DataFrame:
         """Findings per layer with evidence and a fix (see :mod:`qviz.analysis.diagnosis`),
-        focused on the sensitive layers once sensitivity() has run."""
+        focused on the sensitive layers once sensitivity() has run, naming outlier channels once
+        outliers() has run."""
         results = self._results()
-        return diagnose(results, results.sensitivity, thresholds)
+        stats = getattr(self, "_outlier_stats", None)
+        outliers = None if stats is None else outlier_frame(stats, top=2**31)
+        return diagnose(results, results.sensitivity, thresholds, outliers)
 
     def undo(self) -> Session:
         """Go back to the plan in force before the last apply()."""

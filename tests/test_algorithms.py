@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -254,3 +255,29 @@ def test_bad_requests_say_what_to_do():
     loaded = qviz.Session.from_results(session.results)
     with pytest.raises(QvizError, match="re-create it from the model"):
         loaded.algorithms()
+
+
+def test_diagnosis_names_outlier_channels_and_its_fixes_work():
+    model = Planted()
+    session = qviz.Session(model, _batches(), flow="torchao", progress=False).run()  # int8 dynamic
+    assert "outlier_channels" not in set(session.diagnose().cause)  # outliers() not run: no pass for it
+    session.outliers()
+    found = session.diagnose()
+    rows = found[found.cause == "outlier_channels"]
+    assert list(rows.layer) == ["proj"]
+    evidence, fix = rows.evidence.item(), rows.fix.item()
+    assert re.search(r"2 systematic outlier channel\(s\).*: (3|40) \(.*, (3|40) \(", evidence)
+    x = _inputs(model, "proj", _batches()).abs()  # persistence, recomputed from hooked inputs
+    share = (x > 6 * x.median(1, keepdim=True).values).double().mean(0)
+    ratio = x.amax(0) / x.amax(0).median()
+    for c in (3, 40):
+        assert f"{c} ({float(ratio[c]):.3g}x the median channel, in {float(share[c]):.0%} of tokens)" in evidence
+    frame = eval(re.search(r"s\.algorithms\([^)]*\)", fix).group(0), {"s": session})  # the fix, as written
+    assert frame.set_index("algorithm").loc["smoothquant", "gain_vs_rtn_db"] > 3
+    before = session.summary()["output_sqnr"]
+    eval(re.search(r"s\.apply\(\{'proj': \{'dtype': 'float'\}\}\)", fix).group(0), {"s": session})
+    assert session.summary()["output_sqnr"] > before + 3
+
+    near = qviz.Session(Planted(factor=4.0), _batches(), flow="torchao", progress=False).run()  # 4x: below the 6x outlier line
+    near.outliers()
+    assert "outlier_channels" not in set(near.diagnose().cause)
