@@ -14,6 +14,7 @@ import logging
 import panel as pn
 from panel.viewable import Viewer
 
+from qviz.ui.algorithm_view import AlgorithmView
 from qviz.ui.compare_view import CompareView
 from qviz.ui.graph_view import GraphView
 from qviz.ui.markup import md
@@ -46,6 +47,7 @@ class Dashboard(Viewer):
         self.pareto = self._build("the mixed-precision view", ParetoView)
         self.qat = self._build("the QAT view", QatView)
         self.outliers = self._build("the outlier view", OutlierView)
+        self.algorithms = self._build("the algorithm view", AlgorithmView)
         self.compare = (None if compare_with is None else
                         self._build("the compare view", functools.partial(CompareView, other=compare_with)))
 
@@ -63,7 +65,8 @@ class Dashboard(Viewer):
         # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
         tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
-                ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
+                ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers),
+                ("Algorithms", self.algorithms)]
         tabs.insert(1, ("Graph", self.graph))
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
