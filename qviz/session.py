@@ -760,13 +760,14 @@ class Session:
         return outlier_frame(self._outlier_stats, top)
 
     def algorithms(self, layers=None, methods=METHODS, dtype: str = "int4", group_size: int | None = 32,
-                   alpha: float = 0.5) -> pd.DataFrame:
+                   alpha: float = 0.5, model_sqnr: bool = True) -> pd.DataFrame:
         """RTN vs SmoothQuant (migration strength ``alpha``) vs AWQ vs GPTQ vs HQQ on each of
         ``layers`` (a name or names; every linear layer by default), weights ``dtype`` ("int4" per
         group of ``group_size``, or "int8" per channel): one row per (layer, algorithm) with the
         layer's output ``sqnr`` over the calibration batches, ``gain_vs_rtn_db``, ``model_sqnr``
-        (only that layer changed, on the eval batches) and ``did_nothing`` (see
-        :mod:`qviz.analysis.algorithms`). The float model is not modified."""
+        (only that layer changed, on the eval batches: one forward of them per row;
+        ``model_sqnr=False`` skips it) and ``did_nothing`` (see :mod:`qviz.analysis.algorithms`).
+        One float pass over the calibration batches; the float model is not modified."""
         if self._model is None:
             raise QvizError("a session loaded from a file holds no model: re-create it from the model to "
                             "compare quantization algorithms")
@@ -779,7 +780,8 @@ class Session:
 
         with quiet_torch():
             return compare_algorithms(self._model, self._calib, run, layers=layers, methods=methods, dtype=dtype,
-                                      group_size=group_size, alpha=alpha, eval_batches=self._eval, output=output)
+                                      group_size=group_size, alpha=alpha, output=output,
+                                      eval_batches=self._eval if model_sqnr else None)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see

@@ -183,24 +183,35 @@ def test_gptq_lowers_the_error_with_correlated_inputs_and_matches_a_least_square
         layers=["0"], methods=("rtn", "gptq")).set_index("algorithm")
     assert frame.loc["gptq", "gain_vs_rtn_db"] > 1 and not frame.loc["gptq", "did_nothing"]
 
-    # GPTQ's column update is the least-squares refit of the columns not yet quantized, given
-    # those quantized so far: recompute it so with lstsq on the inputs themselves (int8 per
-    # channel: the qparams come from the float weight, whatever the updates)
-    x = torch.cat([b.reshape(-1, 64) for b in calib])[:, :12].double()
-    weight = torch.randn(5, 12, generator=g)
-    fmt = WeightFormat("int8")
-    stats = InputStats()
-    stats.update(x)
-    found = gptq(weight, stats, fmt, damp=0.0).weight
-    scale, zero = fmt.qparams(weight)
+
+
+def _refit_reference(x, weight, fmt):
+    """GPTQ as least squares: column i quantized (qparams taken from its group's columns as they
+    stand when the group starts), then every later column refit by lstsq on the inputs
+    themselves to the float output, given the columns quantized so far."""
+    k = weight.shape[1]
+    g = fmt.columns(k)
     target, current, quantized = x @ weight.double().T, weight.double().clone(), []
-    for i in range(12):
+    for i in range(k):
+        if i % g == 0:
+            scale, zero = fmt.qparams(current[:, i:i + g].float())
         quantized.append(fmt.fake(current[:, i:i + 1].float(), scale, zero).double())
         done = torch.cat(quantized, 1)
-        if i < 11:
-            rest = torch.linalg.lstsq(x[:, i + 1:], target - x[:, :i + 1] @ done.T).solution.T
-            current[:, i + 1:] = rest
-    torch.testing.assert_close(found.double(), done, rtol=0, atol=1e-6)
+        if i < k - 1:
+            current[:, i + 1:] = torch.linalg.lstsq(x[:, i + 1:], target - x[:, :i + 1] @ done.T).solution.T
+    return done
+
+
+@pytest.mark.parametrize(("dtype", "group_size", "block"), [("int8", None, 128), ("int4", 4, 4), ("int4", 4, 8)])
+def test_gptq_is_the_least_squares_refit_column_by_column(dtype, group_size, block):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(400, 12, generator=g) @ (torch.randn(12, 12, generator=g) * 0.5 + torch.eye(12))).double()
+    weight = torch.randn(5, 12, generator=g)
+    fmt = WeightFormat(dtype, group_size)
+    stats = InputStats()
+    stats.update(x)
+    found = gptq(weight, stats, fmt, damp=0.0, block=block).weight  # blocks of 4 or 8 columns: lazy batches
+    torch.testing.assert_close(found.double(), _refit_reference(x, weight, fmt), rtol=0, atol=1e-5)
 
 
 def test_exact_layer_error_from_the_input_statistics():
@@ -235,6 +246,8 @@ def test_hugging_face_models(build):
     with torch.no_grad():
         expected = _sqnr(F.linear(x, w, module.bias), _torchao_int4(w, module.bias)(x))
     assert frame[(frame.layer == name) & (frame.algorithm == "rtn")].sqnr.item() == pytest.approx(expected, abs=1e-3)
+    quick = session.algorithms(layers=name, model_sqnr=False)  # no model forwards: same layer figures
+    assert quick.model_sqnr.isna().all() and list(quick.sqnr) == list(frame[frame.layer == name].sqnr)
     state, training, _ = _state(model)
     assert training == before[1] and all(torch.equal(state[k], v) for k, v in before[0].items())
 

@@ -178,25 +178,34 @@ def awq(weight, stats, fmt, grid=20, **_) -> Quantized:
     return best
 
 
-def gptq(weight, stats, fmt, damp=0.01, **_) -> Quantized:
-    """GPTQ: each column quantized in turn, its error spread over the later columns."""
-    w = weight.float().clone()
+def gptq(weight, stats, fmt, damp=0.01, block=128, **_) -> Quantized:
+    """GPTQ: each column quantized in turn, its error spread over the later columns (within a
+    block of columns at once, past it by one product per block: the paper's lazy batches)."""
+    k = weight.shape[1]
+    wt = weight.float().T.clone()  # (in, out): input column i is row i, contiguous
     h = stats.hessian.clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead] = 0.0
     h.diagonal().add_(damp * float(h.diagonal().mean()))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    g = fmt.columns(w.shape[1])
-    out = torch.empty_like(w)
-    for i in range(w.shape[1]):
-        if i % g == 0:
-            scale, zero = fmt.qparams(w[:, i:i + g])
-        q = fmt.fake(w[:, i:i + 1], scale, zero)[:, 0]
-        out[:, i] = q
-        err = (w[:, i] - q) / u[i, i]
-        w[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
-    return Quantized(out)
+    g = fmt.columns(k)
+    block = k if g == k else g * max(1, block // g)  # a group never straddles two blocks
+    out = torch.empty_like(wt)
+    scale = zero = None
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        part, errors = wt[b0:b1], torch.empty(b1 - b0, wt.shape[1])
+        for j in range(b1 - b0):
+            i = b0 + j
+            if i % g == 0:  # the group's qparams from its columns as updated so far
+                scale, zero = fmt.qparams(part[j:j + g].T)
+            q = fmt.fake(part[j][:, None], scale, zero)[:, 0]
+            out[i] = q
+            errors[j] = (part[j] - q) / u[i, i]
+            part[j + 1:] -= u[i, i + 1:b1][:, None] * errors[j][None, :]
+        wt[b1:] -= u[b0:b1, b1:].T @ errors
+    return Quantized(out.T.contiguous())
 
 
 def hqq(weight, stats, fmt, **_) -> Quantized:
