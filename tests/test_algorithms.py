@@ -261,8 +261,9 @@ def test_bad_requests_say_what_to_do():
         session.algorithms(layers="proj", group_size=48)
     with pytest.raises(ConfigError, match="must include 'rtn'"):
         session.algorithms(methods=("gptq",))
-    with pytest.raises(ConfigError, match="alpha"):
-        session.algorithms(alpha=2)
+    for alpha in (2, "0.5"):
+        with pytest.raises(ConfigError, match="alpha .* must lie in"):
+            session.algorithms(alpha=alpha)
     with pytest.raises(ConfigError, match="dtype"):
         session.algorithms(dtype="int3")
     loaded = qviz.Session.from_results(session.results)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -324,7 +325,7 @@ def compare_algorithms(model: nn.Module, calib, run, *, layers=None, methods=MET
     (the model's compared output tensor), ``model_sqnr`` is the model output's SQNR with only that
     layer changed (NaN otherwise)."""
     fmt = WeightFormat(dtype, group_size)
-    if not 0 <= alpha <= 1:
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
         raise ConfigError(f"alpha (SmoothQuant's migration strength) must lie in [0, 1], not {alpha!r}")
     methods = tuple(methods)
     layers = _check(model, layers, methods, fmt)
