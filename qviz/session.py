@@ -22,7 +22,14 @@ from torch import nn
 from torch.ao.quantization.quantize_fx import prepare_fx
 
 from qviz import __version__
-from qviz.analysis.compare import Comparator, find_layers, serialized_size, weight_record
+from qviz.analysis.algorithms import METHODS, compare_algorithms
+from qviz.analysis.compare import (
+    Comparator,
+    find_layers,
+    model_output,
+    serialized_size,
+    weight_record,
+)
 from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.groups import DEFAULT_GROUP_SIZE, layer_groups
 from qviz.analysis.latency import median_latency_ms
@@ -651,9 +658,12 @@ class Session:
 
     def diagnose(self, thresholds: Thresholds | None = None) -> pd.DataFrame:
         """Findings per layer with evidence and a fix (see :mod:`qviz.analysis.diagnosis`),
-        focused on the sensitive layers once sensitivity() has run."""
+        focused on the sensitive layers once sensitivity() has run, naming outlier channels once
+        outliers() has run."""
         results = self._results()
-        return diagnose(results, results.sensitivity, thresholds)
+        stats = getattr(self, "_outlier_stats", None)
+        outliers = None if stats is None else outlier_frame(stats, top=2**31)
+        return diagnose(results, results.sensitivity, thresholds, outliers)
 
     def undo(self) -> Session:
         """Go back to the plan in force before the last apply()."""
@@ -777,6 +787,29 @@ class Session:
         torchao_int4 = self.flow.name == "torchao" and config is not None and config.dtype == "int4"
         return layer_groups(layer, float_layer, self._quantized.get_submodule(layer) if torchao_int4 else None,
                             group_size, default, config.weight_symmetric if config is not None else True)
+    def algorithms(self, layers=None, methods=METHODS, dtype: str = "int4", group_size: int | None = 32,
+                   alpha: float = 0.5, model_sqnr: bool = True) -> pd.DataFrame:
+        """RTN vs SmoothQuant (migration strength ``alpha``) vs AWQ vs GPTQ vs HQQ on each of
+        ``layers`` (a name or names; every linear layer by default), weights ``dtype`` ("int4" per
+        group of ``group_size``, or "int8" per channel): one row per (layer, algorithm) with the
+        layer's output ``sqnr`` over the calibration batches, ``gain_vs_rtn_db``, ``model_sqnr``
+        (only that layer changed, on the eval batches: one forward of them per row;
+        ``model_sqnr=False`` skips it) and ``did_nothing`` (see :mod:`qviz.analysis.algorithms`).
+        One float pass over the calibration batches; the float model is not modified."""
+        if self._model is None:
+            raise QvizError("a session loaded from a file holds no model: re-create it from the model to "
+                            "compare quantization algorithms")
+
+        def run(model, batch):
+            return run_batch(model, batch, "calib_data", 0, batch)
+
+        def output(model, batch):
+            return model_output(run_batch(model, batch, self._eval_name, 0, batch), self.output_fn)
+
+        with quiet_torch():
+            return compare_algorithms(self._model, self._calib, run, layers=layers, methods=methods, dtype=dtype,
+                                      group_size=group_size, alpha=alpha, output=output,
+                                      eval_batches=self._eval if model_sqnr else None)
 
     def to_model_explorer(self, path, figure: str = "output_sqnr", exported_program=None):
         """Write ``figure`` per layer as a Model Explorer node data file (see

@@ -430,6 +430,7 @@ def test_causes_are_all_tested():
     tested = {
         "sensitive",
         "activation_outliers",
+        "outlier_channels",  # tests/test_algorithms.py: the fix it names runs there
         "per_tensor_weight_spread",
         "heavy_clipping",
         "dead_or_constant_channels",

@@ -17,6 +17,11 @@ Precision rules, on quantized layers:
   its bias, a constant (zero after a ReLU when the bias is not positive). The weights show this
   exactly and cost nothing to check, unlike per-channel activation statistics.
 
+- ``outlier_channels``: systematic outlier channels in the layer's input (large in most tokens,
+  ``kind == "systematic"`` in ``Session.outliers()``), named with the fix to try: SmoothQuant's
+  migration (``Session.algorithms``), int8 or float for the layer, per-channel weights. Only
+  when the outlier frame is given (``Session.diagnose`` passes it once ``outliers()`` has run).
+
 Integrity rules, on every quantization point: ``nonfinite`` (NaN/Inf seen at calibration) and
 ``no_data`` (an observer that saw no finite value: its layer never ran).
 
@@ -38,7 +43,7 @@ from qviz.errors import ConfigError
 
 COLUMNS = ("layer", "cause", "evidence", "fix", "severity")
 SEVERITIES = ("high", "medium", "low")
-CAUSES = ("sensitive", "activation_outliers", "per_tensor_weight_spread", "heavy_clipping",
+CAUSES = ("sensitive", "activation_outliers", "outlier_channels", "per_tensor_weight_spread", "heavy_clipping",
           "dead_or_constant_channels", "nonfinite", "no_data")
 
 
@@ -66,8 +71,9 @@ class Thresholds:
 
 
 def diagnose(results, sensitivity: pd.DataFrame | None = None,
-             thresholds: Thresholds | None = None) -> pd.DataFrame:
-    """Findings for ``results`` (see the module docstring); ``sensitivity`` is the sweep's frame."""
+             thresholds: Thresholds | None = None, outliers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Findings for ``results`` (see the module docstring); ``sensitivity`` is the sweep's frame,
+    ``outliers`` the activation outlier frame (:func:`qviz.analysis.outliers.outlier_frame`)."""
     t = thresholds or Thresholds()
     table = results.table
     order = {name: i for i, name in enumerate(table.index)}
@@ -84,7 +90,8 @@ def diagnose(results, sensitivity: pd.DataFrame | None = None,
         point = _output_point(results, layer)
         weight = results.records.get(f"{layer}.weight")
         absmax = None if weight is None else weight.arrays.get("channel_absmax")
-        for finding in (_outliers(layer, point, row, t), _spread(layer, row, absmax, t),
+        for finding in (_outliers(layer, point, row, t), _outlier_channels(layer, outliers, row),
+                        _spread(layer, row, absmax, t),
                         _clipping(layer, point, row, t), _dead(layer, absmax, t)):
             if finding is not None:
                 if flagged is not None:  # a sensitive layer: its causes matter most
@@ -159,6 +166,27 @@ def _outliers(layer, point, row, t: Thresholds) -> dict | None:
     fix = (f"clip the extremes: set activation 'histogram' or 'percentile' "
            f"({_apply(layer, activation='percentile', percentile=99.99)}), or keep the layer float")
     return _finding(layer, "activation_outliers", evidence, fix, "medium")
+
+
+def _outlier_channels(layer, outliers: pd.DataFrame | None, row) -> dict | None:
+    if outliers is None or outliers.empty:
+        return None
+    found = outliers[(outliers["layer"] == layer) & (outliers["kind"] == "systematic")]
+    if found.empty:
+        return None
+    found = found.sort_values("ratio_to_median", ascending=False)
+    shown = ", ".join(f"{int(r.channel)} ({r.ratio_to_median:.3g}x the median channel, in "
+                      f"{r.persistence:.0%} of tokens)" for r in found.head(4).itertuples())
+    evidence = (f"{len(found)} systematic outlier channel(s) in this layer's input: {shown}"
+                f"{', ...' if len(found) > 4 else ''}; one activation scale set by them leaves the "
+                "other channels a few levels")
+    keep = "int8" if "4" in str(row.get("weight_dtype", "")) else "float"  # int4 weights: int8 first
+    fix = (f"migrate them into the weights with SmoothQuant: s.algorithms(layers={layer!r}, alpha=0.5) "
+           f"shows its gain vs RTN (alpha 0.75 for stronger outliers); else keep the layer {keep} "
+           f"({_apply(layer, dtype=keep)})")
+    if str(row.get("weight_qscheme", "")).startswith("per_tensor"):  # migrated outliers need per-channel weights
+        fix += f", and quantize its weights per channel ({_apply(layer, weight='per_channel')})"
+    return _finding(layer, "outlier_channels", evidence, fix, "medium")
 
 
 def _spread(layer, row, absmax, t: Thresholds) -> dict | None:

@@ -128,7 +128,7 @@ def linear_layers(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module):
+def evaluating(model: nn.Module):
     """``model`` in eval mode for the block; every module's own flag restored after."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
@@ -140,11 +140,12 @@ def _evaluating(model: nn.Module):
 
 
 @torch.no_grad()
-def collect(model: nn.Module, batches, run, layers: list[str] | None = None) -> dict[str, ChannelStats]:
-    """Channel statistics of each layer's input over ``batches`` (``run(model, batch)`` runs one),
+def collect(model: nn.Module, batches, run, layers: list[str] | None = None, make=ChannelStats) -> dict:
+    """Statistics of each layer's input over ``batches`` (``run(model, batch)`` runs one), one
+    ``make()`` per layer fed each input by its ``update(x)`` (:class:`ChannelStats` by default),
     with hooks that are always removed and the model in eval mode meanwhile (dropout off)."""
     layers = linear_layers(model) if layers is None else layers
-    stats = {n: ChannelStats() for n in layers}
+    stats = {n: make() for n in layers}
 
     def hook(name):
         return lambda module, args: stats[name].update(args[0]) if args else None
@@ -153,7 +154,7 @@ def collect(model: nn.Module, batches, run, layers: list[str] | None = None) -> 
     try:
         for name in layers:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-        with _evaluating(model):
+        with evaluating(model):
             for batch in batches:
                 run(model, batch)
     finally:

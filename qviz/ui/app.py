@@ -14,6 +14,7 @@ import logging
 import panel as pn
 from panel.viewable import Viewer
 
+from qviz.ui.algorithm_view import AlgorithmView
 from qviz.ui.compare_view import CompareView
 from qviz.ui.graph_view import GraphView
 from qviz.ui.group_view import GroupView
@@ -48,6 +49,7 @@ class Dashboard(Viewer):
         self.qat = self._build("the QAT view", QatView)
         self.outliers = self._build("the outlier view", OutlierView)
         self.groups = self._build("the weight group view", GroupView) if self.state.group_layers() else None
+        self.algorithms = self._build("the algorithm view", AlgorithmView)
         self.compare = (None if compare_with is None else
                         self._build("the compare view", functools.partial(CompareView, other=compare_with)))
 
@@ -64,11 +66,11 @@ class Dashboard(Viewer):
         """The dashboard's parts, top to bottom: figures, messages, then one tab per view."""
         # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
-        tabs = [("Layers", self._layers_tab()), ("Sensitivity", self.sensitivity),
+        tabs = [("Layers", self._layers_tab()), ("Graph", self.graph), ("Sensitivity", self.sensitivity),
                 ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
-        tabs.insert(1, ("Graph", self.graph))
         if self.groups is not None:  # only where there are Linear layers to group
             tabs.append(("Groups", self.groups))
+        tabs.append(("Algorithms", self.algorithms))
         if self.compare is not None:
             tabs.append(("Compare", self.compare))
         names = [name for name, _ in tabs]

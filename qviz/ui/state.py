@@ -265,6 +265,13 @@ class DashboardState(param.Parameterized):
             raise QvizError("this session keeps no activation-outlier statistics")
         return self.session.outliers(top=top)
 
+    def algorithms(self, layer: str, **options) -> pd.DataFrame:
+        """``session.algorithms(layer, **options)``: RTN vs SmoothQuant, AWQ, GPTQ and HQQ on one
+        layer (see :mod:`qviz.analysis.algorithms`). Raises QvizError saying why it cannot run."""
+        if not callable(getattr(self.session, "algorithms", None)):
+            raise QvizError("this session cannot compare quantization algorithms")
+        return self.session.algorithms(layers=layer, **options)
+
     def channel_matrix(self, value: str = "ratio_to_median") -> pd.DataFrame:
         """Every channel's ``value`` ("absmax" or "ratio_to_median") of every linear layer's
         input: one row per layer (the table's order first), one column per channel index, NaN
