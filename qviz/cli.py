@@ -47,6 +47,10 @@ def _demo(model: str, flow: str | None, backend: str, latency: bool = False):
         from qviz.demo.minilm import minilm_session
 
         return minilm_session(flow or "pt2e", backend, latency=latency)
+    if model == "tinylm":
+        from qviz.demo.tinylm import DEFAULT_FLOW, tinylm_session
+
+        return tinylm_session(flow or DEFAULT_FLOW, backend, latency=latency)
     return demo_session(flow or "fx", backend, latency=latency)
 
 
@@ -61,6 +65,10 @@ def _cmd_demo(args) -> int:
     if args.sweep:
         _sweep(session)
     print(format_table(session))
+    if args.model == "tinylm":
+        from qviz.demo.tinylm import perplexity_line
+
+        print(perplexity_line(session))
     if args.save:
         session.save(args.save)
         print(f"saved {args.save}")
@@ -105,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize the embedded demo model and print the per-layer table")
-    demo.add_argument("--model", default="digits", choices=["digits", "minilm"],
+    demo.add_argument("--model", default="digits", choices=["digits", "minilm", "tinylm"],
                       help='digits: the embedded CNN (default); minilm: all-MiniLM-L6-v2, pretrained '
-                      '(pip install "qviz[nlp]")')
+                      '(pip install "qviz[nlp]"); tinylm: a small causal LM trained on the Python standard '
+                      "library's sources (also prints its perplexity, float vs quantized)")
     demo.add_argument("--flow", default=None, choices=["fx", "eager", "dynamic", "pt2e", "torchao"],
                       help="the quantization flow: fx, eager (QuantStub/convert), dynamic (Linear/LSTM weights), "
                       "pt2e (torch.export + quantizer) or torchao (quantize_); default fx for digits, pt2e for "
-                      "minilm (FX cannot trace Hugging Face models)")
+                      "minilm (FX cannot trace Hugging Face models), torchao for tinylm")
     demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"],
                       help="the quantized kernels' backend, which decides what each layer can be (default x86)")
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
@@ -122,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     srv = sub.add_parser("serve", help="serve the interactive app for a session file or the demo")
     srv.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
-    srv.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm"],
-                     help="serve a demo, a fresh session per visitor: digits (the default) or minilm")
+    srv.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm", "tinylm"],
+                     help="serve a demo, a fresh session per visitor: digits (the default), minilm or tinylm")
     srv.add_argument("--compare", metavar="PATH",
                      help="a second session file, shown beside the first in a Compare tab (e.g. PTQ vs QAT)")
     srv.add_argument("--port", type=int, default=5006, help="port (default 5006; 0 picks a free one)")
@@ -136,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=_cmd_serve)
     rep = sub.add_parser("report", help="write the HTML report (one self-contained file) of a session file or a demo")
     rep.add_argument("path", nargs="?", help="a session file written by session.save() / qviz demo --save")
-    rep.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm"],
-                     help="report on a fresh run of a demo instead: digits (the default) or minilm")
+    rep.add_argument("--demo", nargs="?", const="digits", choices=["digits", "minilm", "tinylm"],
+                     help="report on a fresh run of a demo instead: digits (the default), minilm or tinylm")
     rep.add_argument("--sweep", action="store_true",
                      help="run the sensitivity sweep first, so the report ranks the layers (with --demo; a "
                      "session file holds results only: sweep before saving it)")

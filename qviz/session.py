@@ -743,17 +743,20 @@ class Session:
         return widget(self)
 
     def save(self, path) -> None:
-        """Write everything the frame, summary and histograms need to ``path`` (atomically)."""
-        self._results().save(path)
+        """Write everything the frame, summary and histograms need to ``path`` (atomically), and
+        the activation outliers' statistics once :meth:`outliers` has measured them."""
+        dataclasses.replace(self._results(), outliers=getattr(self, "_outlier_stats", None)).save(path)
 
     def outliers(self, top: int = 8) -> pd.DataFrame:
         """The activation outliers of every linear layer's input over the calibration batches:
         one row per (layer, channel) among each layer's ``top`` channels by abs-max, most extreme
         (``ratio_to_median``) first, with ``persistence``, ``kurtosis`` and ``kind`` (systematic,
-        frequent or spike; see :mod:`qviz.analysis.outliers`). One float pass, computed once."""
-        if self._model is None:
-            raise QvizError("a session loaded from a file holds no model: re-create it from the model to "
-                            "measure activation outliers")
+        frequent or spike; see :mod:`qviz.analysis.outliers`). One float pass, computed once;
+        kept by :meth:`save`, so a loaded session whose file has them gives the same frame."""
+        if getattr(self, "_outlier_stats", None) is None and self._model is None:
+            raise QvizError("this session file holds no activation-outlier statistics and no model to measure "
+                            "them: call outliers() on the live session before save(), or re-create it from "
+                            "the model")
         if getattr(self, "_outlier_stats", None) is None:
             with quiet_torch():
                 self._outlier_stats = collect_outliers(
@@ -838,6 +841,7 @@ class Session:
         session.plan, session.progress, session.results = None, False, results
         session.source = None
         session._history = []
+        session._outlier_stats = results.outliers
         return session
 
 

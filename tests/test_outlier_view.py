@@ -125,9 +125,20 @@ def test_the_tab_measures_when_first_opened(demo):
     assert dashboard.outliers.shown and dashboard.outliers.matrix.shape == (36, 1536)
 
 
+def test_a_loaded_session_shows_the_saved_heat_map(demo, recorded, tmp_path):
+    session, _, _ = demo
+    session.outliers()
+    session.save(tmp_path / "minilm.qviz")
+    view = _view(qviz.load(tmp_path / "minilm.qviz"))
+    view.value = "absmax"
+    assert view.matrix.shape == (36, 1536) and view.state.message == ""
+    for layer, absmax in recorded.items():
+        np.testing.assert_allclose(view.matrix.loc[layer].to_numpy()[: absmax.size], absmax, rtol=1e-6)
+
+
 def test_a_loaded_session_explains_why_there_is_no_heat_map(demo, tmp_path):
     session, _, _ = demo
-    session.save(tmp_path / "minilm.qviz")
+    session.results.save(tmp_path / "minilm.qviz")  # the results alone: no outlier statistics
     view = _view(qviz.load(tmp_path / "minilm.qviz"))
     assert view.matrix is None and view.chart.objects == [view.placeholder]
     assert "No activation-outlier statistics" in view.placeholder.object
@@ -144,6 +155,9 @@ def test_the_report_has_the_outlier_section(demo, recorded, tmp_path):
     top = session.outliers(top=1).iloc[0]
     assert f"<td>{top.layer}</td>" in section and repr(float(top.absmax)) in section
     assert '<a href="#outliers">' in html
-    session.save(tmp_path / "minilm.qviz")
+    session.save(tmp_path / "minilm.qviz")  # with the statistics outliers() measured
     loaded = build_report(qviz.load(tmp_path / "minilm.qviz"))
-    assert "not measured: a session loaded from a file holds no model" in loaded
+    assert loaded[loaded.index('<section id="outliers">'):].split("</section>")[0] == section
+    session.results.save(tmp_path / "bare.qviz")  # the results alone
+    bare = build_report(qviz.load(tmp_path / "bare.qviz"))
+    assert "not measured: this session file holds no activation-outlier statistics" in bare

@@ -363,3 +363,77 @@ def test_size_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(session_file, "MAX_TOTAL_BYTES", 100_000)
     with pytest.raises(SessionFileError, match="more than 100000 bytes"):
         read_session_file(path)
+
+
+# -- activation-outlier statistics in a session file (issue 16) ---------------------------------
+
+def _outlier_session():
+    """A live dynamic session on two linears whose first input has channel 5 planted at 30x."""
+    import torch
+
+    import qviz
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    calib = [torch.randn(4, 10, 16) for _ in range(3)]
+    for batch in calib:
+        batch[..., 5] *= 30.0
+    return qviz.Session(model, calib, flow="dynamic", progress=False).run(), model, calib
+
+
+def test_outlier_statistics_survive_save_and_load(tmp_path):
+    import pandas as pd
+
+    import qviz
+
+    session, model, calib = _outlier_session()
+    frame = session.outliers(top=4)
+    assert frame.iloc[0].layer == "0" and frame.iloc[0].channel == 5  # the planted channel, first
+    mine = max(float(b[..., 5].abs().max()) for b in calib)  # its abs-max, straight from the data
+    assert frame.iloc[0].absmax == pytest.approx(mine, rel=1e-12)
+    session.save(tmp_path / "s.qviz")
+    manifest, _ = read_session_file(tmp_path / "s.qviz")
+    assert [e["layer"] for e in manifest["outliers"]] == ["0", "2"]
+    with zipfile.ZipFile(tmp_path / "s.qviz") as zf:  # sections are optional keys: no new version
+        assert json.loads(zf.read("manifest.json"))["version"] == FORMAT_VERSION
+    loaded = qviz.load(tmp_path / "s.qviz")
+    for top in (4, 1, 2**62):
+        pd.testing.assert_frame_equal(loaded.outliers(top=top), session.outliers(top=top))
+    loaded.save(tmp_path / "again.qviz")  # and a loaded session saves them again
+    pd.testing.assert_frame_equal(qviz.load(tmp_path / "again.qviz").outliers(top=2**62),
+                                  session.outliers(top=2**62))
+
+
+def test_a_file_without_outlier_statistics_loads_and_says_so(tmp_path):
+    import qviz
+
+    session, _, _ = _outlier_session()
+    session.save(tmp_path / "s.qviz")  # outliers() never called: nothing measured, nothing saved
+    manifest, _ = read_session_file(tmp_path / "s.qviz")
+    assert "outliers" not in manifest
+    loaded = qviz.load(tmp_path / "s.qviz")
+    assert loaded.to_dataframe().equals(session.to_dataframe())
+    with pytest.raises(QvizError, match="holds no activation-outlier statistics"):
+        loaded.outliers()
+
+
+@pytest.mark.parametrize("damage", ["shape", "missing", "tokens", "twice"])
+def test_damaged_outlier_statistics_are_refused_by_name(tmp_path, damage):
+    import qviz
+
+    session, _, _ = _outlier_session()
+    session.outliers()
+    session.save(tmp_path / "s.qviz")
+    manifest, arrays = read_session_file(tmp_path / "s.qviz")
+    if damage == "shape":
+        arrays["outliers/1/exceed"] = np.zeros(3, dtype=np.int64)
+    elif damage == "missing":
+        del arrays["outliers/1/moments"]
+    elif damage == "tokens":
+        arrays["outliers/1/tokens"] = np.array(0, dtype=np.int64)
+    else:
+        manifest["outliers"][1]["layer"] = "0"
+    write_session_file(tmp_path / "bad.qviz", manifest, arrays)
+    where = "manifest.outliers" if damage in ("missing", "twice") else "outliers/1"
+    with pytest.raises(SessionFileError, match=where):
+        qviz.load(tmp_path / "bad.qviz")

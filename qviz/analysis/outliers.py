@@ -55,6 +55,30 @@ class ChannelStats:
         self.moments += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64),
                                      x.sum(), x.pow(2).sum(), x.pow(3).sum(), x.pow(4).sum()])
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The running state as plain arrays (a session file keeps them; :meth:`from_arrays`
+        gives the same statistics back, so every frame of them is the same)."""
+        if not self.saw_data:
+            raise ValueError("no statistics to store: the layer saw no data")
+        return {"absmax": self.absmax.numpy(), "exceed": self.exceed.numpy(), "moments": self.moments.numpy(),
+                "tokens": np.array(self.tokens, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ChannelStats:
+        """The statistics :meth:`to_arrays` stored; ValueError when the arrays cannot be them."""
+        absmax, exceed, moments, tokens = (np.asarray(arrays[k]) for k in ("absmax", "exceed", "moments", "tokens"))
+        if (absmax.ndim != 1 or absmax.size == 0 or exceed.shape != absmax.shape or moments.shape != (5,)
+                or tokens.shape != () or absmax.dtype.kind != "f" or exceed.dtype.kind not in "iu"
+                or moments.dtype.kind != "f" or tokens.dtype.kind not in "iu" or int(tokens) < 1):
+            raise ValueError("channel statistics need 1-d absmax and exceed of one width, 5 moments and "
+                             "a token count >= 1")
+        stats = cls()
+        stats.absmax = torch.from_numpy(absmax.astype(np.float64))
+        stats.exceed = torch.from_numpy(exceed.astype(np.int64))
+        stats.moments = torch.from_numpy(moments.astype(np.float64))
+        stats.tokens = int(tokens)
+        return stats
+
     @property
     def saw_data(self) -> bool:
         return self.absmax is not None and self.tokens > 0

@@ -1,8 +1,13 @@
 """Results: everything a session found, as plain data, and its round trip through a file.
 
 The table (one row per layer), the model-level summary, and one :class:`PointRecord` per
-quantization point (statistics with histogram, final qparams). No torch modules: results
-outlive the models and load from a session file alone.
+quantization point (statistics with histogram, final qparams); once measured, the activation
+outliers' channel statistics (``Session.outliers()``). No torch modules: results outlive the
+models and load from a session file alone.
+
+Sections added after version 1 of the file format (the sweep, the QAT timeline, the outliers)
+are optional top-level keys that older readers ignore, so they need no new format version: a
+file without one loads without it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from qviz.analysis.outliers import ChannelStats
 from qviz.capture.histogram import StreamingHistogram
 from qviz.capture.probes import PointRecord
 from qviz.capture.qat import Timeline
@@ -89,8 +95,11 @@ SCHEMA = Fields(
     optional={
         "sensitivity": Fields(required={**_FRAME, "metric": (str, NULL)}, extra=None),
         "timeline": TIMELINE_SCHEMA,
+        # one entry per linear layer with channel statistics, arrays under outliers/<i>/
+        "outliers": ListOf(Fields(required={"layer": str}, extra=None)),
     },
 )
+_OUTLIER_ARRAYS = ("absmax", "exceed", "moments", "tokens")
 
 
 def _scalar(values) -> float:
@@ -128,8 +137,24 @@ def check_manifest(manifest: dict, arrays: dict[str, np.ndarray], path) -> None:
         if p["info"].get("qscheme") in _PER_TENSOR and not all(k in p["info"] for k in _QRANGE):
             raise fail(path, f"manifest.points[{i}].info", "has a per-tensor qscheme but no quant_min/quant_max")
     _check_numeric(arrays, path)
+    if "outliers" in manifest:
+        _check_outliers(manifest["outliers"], arrays, path)
     if "timeline" in manifest:
         check_timeline(manifest["timeline"], arrays, path, prefix="timeline/")
+
+
+def _check_outliers(entries: list, arrays: dict[str, np.ndarray], path) -> None:
+    layers = [e["layer"] for e in entries]
+    if len(set(layers)) != len(layers):
+        raise fail(path, "manifest.outliers", "names a layer twice")
+    for i in range(len(entries)):
+        missing = [k for k in _OUTLIER_ARRAYS if f"outliers/{i}/{k}" not in arrays]
+        if missing:
+            raise fail(path, f"manifest.outliers[{i}]", f"has no arrays {missing}")
+        try:
+            ChannelStats.from_arrays({k: arrays[f"outliers/{i}/{k}"] for k in _OUTLIER_ARRAYS})
+        except ValueError as exc:
+            raise fail(path, f"array 'outliers/{i}'", str(exc)) from None
 
 
 def _check_numeric(arrays: dict[str, np.ndarray], path) -> None:
@@ -220,6 +245,7 @@ class Results:
     records: dict[str, PointRecord]
     sensitivity: pd.DataFrame | None = None  # Session.sensitivity()'s frame, metric in .attrs
     timeline: Timeline | None = None  # Session.from_qat()'s QAT timeline
+    outliers: dict[str, ChannelStats] | None = None  # Session.outliers()'s statistics, once measured
 
     @classmethod
     def build(cls, *, meta, records, per_layer, weights, order, left_float, summary, types,
@@ -288,6 +314,11 @@ class Results:
         if self.timeline is not None:
             manifest["timeline"], timeline_arrays = self.timeline.to_arrays()
             arrays.update({f"timeline/{k}": v for k, v in timeline_arrays.items()})
+        if self.outliers is not None:
+            measured = [(layer, s) for layer, s in self.outliers.items() if s.saw_data]
+            manifest["outliers"] = [{"layer": layer} for layer, _ in measured]
+            for i, (_, stats) in enumerate(measured):
+                arrays.update({f"outliers/{i}/{k}": v for k, v in stats.to_arrays().items()})
         write_session_file(path, manifest, arrays)
 
     @classmethod
@@ -312,8 +343,10 @@ class Results:
             timeline = Timeline.from_arrays(manifest["timeline"], {
                 k[len("timeline/"):]: v for k, v in arrays.items() if k.startswith("timeline/")
             }) if "timeline" in manifest else None
+            outliers = {e["layer"]: ChannelStats.from_arrays({k: arrays[f"outliers/{i}/{k}"] for k in _OUTLIER_ARRAYS})
+                        for i, e in enumerate(manifest["outliers"])} if "outliers" in manifest else None
             return cls(meta=manifest["meta"], summary=manifest["summary"], table=table, records=records,
-                       sensitivity=sensitivity, timeline=timeline)
+                       sensitivity=sensitivity, timeline=timeline, outliers=outliers)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SessionFileError(
                 f"{path} is a qviz session file but its content is inconsistent ({type(exc).__name__}: "

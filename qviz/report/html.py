@@ -293,7 +293,7 @@ def _histogram_section(results) -> str:
 def _outliers_section(session) -> str:
     """The activation-outlier heat map (every linear layer's input channels, ratio to the layer's
     median channel) and the most extreme channels; a note when the session cannot measure them
-    (a loaded session holds no model)."""
+    (a session file saved before they were measured)."""
     head = ('<section id="outliers"><h2>Activation outliers</h2>'
             + _note("each linear layer's input, channel by channel, over the calibration batches: "
                     "abs-max over the layer's median channel. A channel tens of times the median sets "

@@ -83,7 +83,8 @@ class OutlierView(_StateView):
         except QvizError as exc:
             self._unavailable(f"No activation-outlier statistics for this session: {md(exc)}. They are "
                               "measured on the float model over the calibration batches, so they need a "
-                              "live session (`session.show()`, `qviz serve --demo minilm`).")
+                              "live session (`session.show()`, `qviz serve --demo minilm`) or a file it "
+                              "saved after measuring them (`session.outliers()`).")
             return
         if self.matrix.empty:
             self._unavailable("No activation-outlier statistics: this model has no linear layer "

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def session_factory(path=None, *, demo: bool | str = False, check: bool = True) -> Callable:
     """The sessions to serve: a fresh demo session per call (each visitor may apply; ``demo``
     True or "digits": the embedded digits CNN, "minilm": all-MiniLM-L6-v2, see
-    :mod:`qviz.demo.minilm`), or the session file at ``path`` loaded once (never a pickle) and
+    :mod:`qviz.demo.minilm`, "tinylm": the small causal LM of :mod:`qviz.demo.tinylm`), or the session file at ``path`` loaded once (never a pickle) and
     the same Session returned to every visitor. Sharing it is safe: a loaded session holds
     results only, and nothing in the dashboard changes them (apply, sweeps and searches refuse
     to run on it). ``check`` loads the file (or checks the MiniLM demo's packages) now, so a bad
@@ -44,9 +44,15 @@ def session_factory(path=None, *, demo: bool | str = False, check: bool = True) 
         if check:
             minilm.check_available()
         return lambda: minilm.minilm_session(progress=False)
+    if demo == "tinylm":
+        from qviz.demo import tinylm
+
+        if check:
+            tinylm.load_tinylm()  # the shipped weights are there (a clear error now, not per tab)
+        return lambda: tinylm.tinylm_session(progress=False)
     if demo:
         if demo not in (True, "digits"):
-            raise ConfigError(f"demo must be True, 'digits' or 'minilm', not {demo!r}")
+            raise ConfigError(f"demo must be True, 'digits', 'minilm' or 'tinylm', not {demo!r}")
         from qviz.demo import demo_session
 
         return lambda: demo_session(progress=False)
