@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from qviz.errors import ConfigError, ModelError
+from qviz.flows import formats
 from qviz.flows.base import QuantPoint, check_backend
-from qviz.plan import LayerConfig, Plan
+from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
     "int8_dynamic": ("int8", "dynamic"),
@@ -111,7 +112,7 @@ class TorchaoFlow:
     needs_calibration = False
     handed_over = False
     # plan fields it honours (see check_plan): no observers, nothing to calibrate
-    editable = {"dtype": ("int8", "int4", "float"), "weight": ("per_channel", "per_tensor")}
+    editable = {"dtype": ("int8", "int4", *FORMAT_DTYPES, "float"), "weight": ("per_channel", "per_tensor")}
 
     def __init__(
         self, backend: str = "x86", scheme: str = "int8_dynamic", group_size: int | None = 32
@@ -167,6 +168,8 @@ class TorchaoFlow:
             self.check_plan(self.plan, linears)
         configs = {n: self.config_for(self._layer_config(n)) for n in linears}
         configs = {n: c for n, c in configs.items() if c is not None}
+        for n in [n for n in configs if self._simulates(self._layer_config(n))]:  # formats needing a GPU
+            quantized.set_submodule(n, formats.SimulatedLinear(linears[n], configs.pop(n), self._layer_config(n).dtype))
         if configs:
             self._quantize(quantized, self.ao.FqnToConfig(configs), None, type(observed).__name__)
         return quantized
@@ -217,6 +220,9 @@ class TorchaoFlow:
                     f"{name!r} is {type(module).__name__}: torchao's configs quantize Linear layers only; "
                     "keep it 'float'"
                 )
+            elif config.dtype in FORMAT_DTYPES:
+                problem = formats.problem(name, module, config, self.activations == "dynamic")
+                problems += [problem] if problem else []
             elif config.dtype == "int8" and not config.weight_symmetric:
                 problems.append(
                     f"{name!r}: torchao's int8 weights are symmetric; set weight_symmetric=True"
@@ -240,6 +246,8 @@ class TorchaoFlow:
         if config.dtype == "float":
             return None
         dynamic = self.activations == "dynamic"
+        if config.dtype in FORMAT_DTYPES:
+            return formats.torchao_config(ao, config, dynamic)
         if config.dtype == "int8":
             weight = ao.PerRow() if config.weight == "per_channel" else ao.PerTensor()
             if dynamic:
@@ -257,10 +265,16 @@ class TorchaoFlow:
             weight_dtype=torch.int4, granularity=granularity, mapping_type=mapping
         )
 
+    def _simulates(self, config: LayerConfig) -> bool:
+        """True when ``config`` is a number format whose torchao kernels need a GPU (qviz simulates it)."""
+        return formats.simulated(config.dtype, self.activations == "dynamic")
+
     def rebuild(self, float_layer: nn.Module, config: LayerConfig) -> nn.Module:
         """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
         layer = copy.deepcopy(float_layer)
         ao_config = self.config_for(config)
+        if self._simulates(config):
+            return formats.SimulatedLinear(layer, ao_config, config.dtype)
         if ao_config is not None:
             self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
@@ -289,31 +303,38 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
     dynamic = SCHEMES[scheme][1] == "dynamic"
     granularity = f"PerGroup({group_size})" if group_size else "PerAxis(0)"
     names = {"FqnToConfig", "quantize_"}
+    mx_names: set[str] = set()  # from torchao.prototype.mx_formats
 
     def expr(config: LayerConfig) -> str:
+        if config.dtype in FORMAT_DTYPES:
+            text, imports = formats.code(config, dynamic)
+            names.update(imports.get("torchao.quantization", ()))
+            mx_names.update(imports.get("torchao.prototype.mx_formats", ()))
+            gpu = formats.FORMATS[config.dtype].gpu
+            return text + (f",  # needs {gpu}; qviz simulated it on CPU" if dynamic else ",")
         if config.dtype == "int8":
             weight = "PerRow()" if config.weight == "per_channel" else "PerTensor()"
             names.add(weight[:-2])
             if dynamic:
                 names.update(("Int8DynamicActivationInt8WeightConfig", "PerRow"))
-                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}])"
+                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}]),"
             names.add("Int8WeightOnlyConfig")
-            return f"Int8WeightOnlyConfig(granularity={weight})"
+            return f"Int8WeightOnlyConfig(granularity={weight}),"
         names.update(("MappingType", granularity.split("(")[0]))
         mapping = "MappingType." + ("SYMMETRIC" if config.weight_symmetric else "ASYMMETRIC")
         if dynamic:
             names.add("Int8DynamicActivationIntxWeightConfig")
             return (
                 f"Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, "
-                f"weight_granularity={granularity}, weight_mapping_type={mapping})"
+                f"weight_granularity={granularity}, weight_mapping_type={mapping}),"
             )
         names.add("IntxWeightOnlyConfig")
-        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping})"
+        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping}),"
 
     lines = []
     for name, config in plan.items():
-        if config.dtype in ("int8", "int4"):
-            lines.append(f"    {_literal(name)}: {expr(config)},")
+        if config.dtype in ("int8", "int4", *FORMAT_DTYPES):
+            lines.append(f"    {_literal(name)}: {expr(config)}")
         else:
             lines.append(f"    {_literal(name)}: None,  # {config.describe()}")
     return "\n".join(
@@ -327,6 +348,9 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
             "from torchao.quantization import (",
             *(f"    {n}," for n in sorted(names, key=str.lower)),
             ")",
+            *(["from torchao.prototype.mx_formats import ("] if mx_names else []),
+            *(f"    {n}," for n in sorted(mx_names, key=str.lower)),
+            *([")"] if mx_names else []),
             "",
             "# Usage: quantize_(model.eval(), build_config(), filter_fn=None)",
             "",
