@@ -147,7 +147,8 @@ def test_simulation_equals_torchao_own_quantize_dequantize():
         emulated = copy.deepcopy(bf16)
         ao.quantize_(emulated, mx_formats.MXDynamicActivationMXWeightConfig(
             activation_dtype=element, weight_dtype=element, kernel_preference=KernelPreference.EMULATED))
-        sim = formats.SimulatedLinear(bf16, formats.torchao_config(ao, LayerConfig(dtype=dtype), True), dtype)
+        config = LayerConfig(dtype=dtype)
+        sim = formats.SimulatedLinear(bf16, formats.torchao_config(ao, config, True), config)
         assert torch.equal(sim.weight.dequantize(), emulated.weight.dequantize()), dtype
         with torch.no_grad():
             assert torch.equal(sim(xb), emulated(xb)), dtype
@@ -156,15 +157,16 @@ def test_simulation_equals_torchao_own_quantize_dequantize():
                                ("float8_e5m2", ao.Float8WeightOnlyConfig(torch.float8_e5m2, set_inductor_config=False))):
         real = copy.deepcopy(linear)
         ao.quantize_(real, weight_only)
-        sim = formats.SimulatedLinear(linear, formats.torchao_config(ao, LayerConfig(dtype=dtype), True), dtype)
+        config = LayerConfig(dtype=dtype)
+        sim = formats.SimulatedLinear(linear, formats.torchao_config(ao, config, True), config)
         assert torch.equal(sim.weight.dequantize(), real.weight.dequantize()), dtype
     for dtype in ("float8_e4m3fn", "float8_e5m2"):
         for weight, g in (("per_channel", ao.PerRow()), ("per_tensor", ao.PerTensor())):
             fp8 = getattr(torch, dtype)
             kernel = Float8Tensor.from_hp(linear.weight.detach(), float8_dtype=fp8, granularity=g,
                                           mm_config=ao.Float8MMConfig(), act_quant_kwargs=QuantizeTensorToFloat8Kwargs(fp8, g))
-            config = formats.torchao_config(ao, LayerConfig(dtype=dtype, weight=weight), True)
-            sim = formats.SimulatedLinear(linear, config, dtype)
+            config = LayerConfig(dtype=dtype, weight=weight)
+            sim = formats.SimulatedLinear(linear, formats.torchao_config(ao, config, True), config)
             with torch.no_grad():
                 y, want = sim(x), F.linear(x, kernel, linear.bias)
             assert (y - want).abs().max() <= 1e-5 * want.abs().max(), (dtype, weight)
@@ -268,6 +270,7 @@ def test_plan_code_is_plain_torchao():
     assert isinstance(configs["2"], mx_formats.NVFP4DynamicActivationNVFP4WeightConfig)
     assert isinstance(configs["4"], ao.Float8DynamicActivationFloat8WeightConfig)
     assert code.count("qviz simulated it on CPU") == 3 and "sm100" in code and "sm89" in code
+    assert code.count("and bfloat16 weights") == 2  # MX and per-row float8: torchao's quantize_ asserts it
 
 
 # -- refusals and choices ------------------------------------------------------------------------------

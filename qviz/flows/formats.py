@@ -65,6 +65,15 @@ def simulated(dtype: str, dynamic: bool) -> bool:
     return dtype in FORMATS and dynamic
 
 
+def needs(config) -> str:
+    """What torchao's dynamic kernels for ``config`` need that this CPU lacks; MX and per-row float8
+    quantize_ also take bfloat16 weights only (``model.to(torch.bfloat16)``; qviz simulates in the
+    model's own dtype)."""
+    fmt = FORMATS[config.dtype]
+    bf16 = fmt.family == "mx" or (fmt.family == "float8" and config.weight == "per_channel")
+    return fmt.gpu + (" and bfloat16 weights" if bf16 else "")
+
+
 def problem(name: str, module: nn.Linear, config, dynamic: bool) -> str | None:
     """Why the torchao flow cannot run ``config`` (a format dtype) on Linear ``module``, or None."""
     fmt = FORMATS[config.dtype]
@@ -195,13 +204,13 @@ class SimulatedLinear(nn.Linear):
     quantized tensor, each input is quantized and dequantized as torchao's kernel would, and
     the product is taken in the model's dtype. ``simulated`` says what the real kernel needs."""
 
-    def __init__(self, linear: nn.Linear, ao_config, dtype: str):
+    def __init__(self, linear: nn.Linear, ao_config, config):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(simulated_weight(linear.weight, ao_config), requires_grad=False)
         self.bias = linear.bias
         self.layer_type = "Linear"  # the type column's word: the layer the user has
-        self.simulated = f"{dtype} simulated on CPU: torchao's kernels need {FORMATS[dtype].gpu}"
+        self.simulated = f"{config.dtype} simulated on CPU: torchao's kernels need {needs(config)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])

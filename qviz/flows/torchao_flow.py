@@ -12,7 +12,9 @@ Each ``nn.Linear`` gets the torchao config its plan entry asks for (through ``Fq
 
 int4 weights are grouped along the input dimension (``group_size``, None for one scale per
 output channel); torchao's ``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx
-configs, which run on CPU (weights stored as int8 holding 4-bit values). Convolutions,
+configs, which run on CPU (weights stored as int8 holding 4-bit values). float8, MX and NVFP4
+layers take torchao's configs for them, simulated on CPU where those need a GPU
+(:mod:`qviz.flows.formats`). Convolutions,
 norms and other layers stay float (torchao's configs are for Linear layers).
 ``quantize_`` keeps module names, so the usual per-module comparison applies; there are no
 observers: qviz records each Linear's input during the calibration pass (role "dynamic").
@@ -169,7 +171,8 @@ class TorchaoFlow:
         configs = {n: self.config_for(self._layer_config(n)) for n in linears}
         configs = {n: c for n, c in configs.items() if c is not None}
         for n in [n for n in configs if self._simulates(self._layer_config(n))]:  # formats needing a GPU
-            quantized.set_submodule(n, formats.SimulatedLinear(linears[n], configs.pop(n), self._layer_config(n).dtype))
+            config = self._layer_config(n)
+            quantized.set_submodule(n, formats.SimulatedLinear(linears[n], configs.pop(n), config))
         if configs:
             self._quantize(quantized, self.ao.FqnToConfig(configs), None, type(observed).__name__)
         return quantized
@@ -274,7 +277,7 @@ class TorchaoFlow:
         layer = copy.deepcopy(float_layer)
         ao_config = self.config_for(config)
         if self._simulates(config):
-            return formats.SimulatedLinear(layer, ao_config, config.dtype)
+            return formats.SimulatedLinear(layer, ao_config, config)
         if ao_config is not None:
             self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
@@ -310,31 +313,32 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
             text, imports = formats.code(config, dynamic)
             names.update(imports.get("torchao.quantization", ()))
             mx_names.update(imports.get("torchao.prototype.mx_formats", ()))
-            gpu = formats.FORMATS[config.dtype].gpu
-            return text + (f",  # needs {gpu}; qviz simulated it on CPU" if dynamic else ",")
+            return text
         if config.dtype == "int8":
             weight = "PerRow()" if config.weight == "per_channel" else "PerTensor()"
             names.add(weight[:-2])
             if dynamic:
                 names.update(("Int8DynamicActivationInt8WeightConfig", "PerRow"))
-                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}]),"
+                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}])"
             names.add("Int8WeightOnlyConfig")
-            return f"Int8WeightOnlyConfig(granularity={weight}),"
+            return f"Int8WeightOnlyConfig(granularity={weight})"
         names.update(("MappingType", granularity.split("(")[0]))
         mapping = "MappingType." + ("SYMMETRIC" if config.weight_symmetric else "ASYMMETRIC")
         if dynamic:
             names.add("Int8DynamicActivationIntxWeightConfig")
             return (
                 f"Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, "
-                f"weight_granularity={granularity}, weight_mapping_type={mapping}),"
+                f"weight_granularity={granularity}, weight_mapping_type={mapping})"
             )
         names.add("IntxWeightOnlyConfig")
-        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping}),"
+        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping})"
 
     lines = []
     for name, config in plan.items():
         if config.dtype in ("int8", "int4", *FORMAT_DTYPES):
-            lines.append(f"    {_literal(name)}: {expr(config)}")
+            simulated = formats.simulated(config.dtype, dynamic)  # its kernels need a GPU
+            note = f"  # needs {formats.needs(config)}; qviz simulated it on CPU" if simulated else ""
+            lines.append(f"    {_literal(name)}: {expr(config)},{note}")
         else:
             lines.append(f"    {_literal(name)}: None,  # {config.describe()}")
     return "\n".join(
