@@ -410,6 +410,7 @@ def supported(config: LayerConfig, backend: str, layer_type, *, flow: str = "sta
     fp16 static stays float (FX) or crashes (eager); onednn needs symmetric weights and its
     ConvTranspose gives wrong results, as does qnnpack's ConvTranspose3d; ConvTranspose
     takes per-tensor weights only; dynamic covers Linear/RNN layers, fp16 on x86/fbgemm only.
+    torchao's number formats (float8, MX, NVFP4) are for flow "torchao" only.
     """
     _check_backend(backend)
     flow = _static_or_dynamic(flow)

@@ -300,6 +300,18 @@ def test_bad_requests_are_config_errors(dynamic):
                      plan=qviz.Plan("x86", {"0": {"dtype": "float8_e5m2"}}), progress=False).run()
     with pytest.raises(ConfigError, match="run on no layer of this session .flow 'fx'.*need Session"):
         fx.search(target_sqnr=20, ladder=("mxfp4", "int8", "float"))
+    with pytest.raises(ConfigError, match="'mxfp8' run on no layer of this session .flow 'torchao'.*session.choices"):
+        weight_only.search(target_sqnr=20, ladder=("mxfp8", "int8", "float"))
+    linear = nn.Sequential(nn.Linear(64, 32), nn.ReLU()).eval()
+    pt2e = qviz.Session(linear, [torch.randn(4, 64)], flow="pt2e", progress=False).run()
+    with pytest.raises(ConfigError, match="flow 'pt2e' .* takes dtype 'int8'.*dtype='mxfp4'"):
+        pt2e.apply({"0": {"dtype": "mxfp4"}})
+    assert not set(FORMAT_DTYPES) & set(pt2e.choices("0", "dtype", DTYPES))
+    eager = qviz.Session(torch.ao.quantization.QuantWrapper(copy.deepcopy(linear)), [torch.randn(4, 64)],
+                         flow="eager", progress=False).run()
+    layer = next(iter(eager.plan))
+    with pytest.raises(ConfigError, match="flow 'torchao' only"):
+        eager.apply({layer: {"dtype": "float8_e4m3fn"}})
 
 
 def test_choices_offer_formats_on_torchao_sessions_only(dynamic):

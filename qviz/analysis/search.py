@@ -160,7 +160,8 @@ def _check_rungs(session, layers, rungs) -> None:
     if refused:
         formats = [d for d in refused if d in FORMAT_BITS]
         hint = (f"; torchao number format(s) {_names(formats)} need Session(..., flow='torchao')"
-                if formats else "")
+                if formats and session.flow.name != "torchao" else
+                "; session.choices(layer, 'dtype', ladder) says what each layer takes")
         raise ConfigError(f"ladder rung(s) {_names(refused)} run on no layer of this session (flow "
                           f"{session.flow.name!r}): leave them out of the ladder{hint}")
 

@@ -61,8 +61,8 @@ TENSOR_BYTES = {name: f.tensor_bytes for name, f in FORMATS.items() if f.tensor_
 
 def simulated(dtype: str, dynamic: bool) -> bool:
     """True when qviz simulates ``dtype`` on CPU: every format's dynamic config needs a GPU, every
-    weight-only one (float8, nvfp4) runs on CPU; MX has no weight-only config (see :func:`problem`)."""
-    return dtype in FORMATS and dynamic
+    weight-only one (float8, nvfp4) runs on CPU; MX has only its dynamic config."""
+    return dtype in FORMATS and (dynamic or not FORMATS[dtype].weight_only)
 
 
 def needs(config) -> str:
