@@ -31,6 +31,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "DTYPES",
+    "FORMAT_DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "WEIGHT_SCHEMES",
@@ -43,7 +44,9 @@ __all__ = [
 ]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
-DTYPES = ("int8", "int4", "fp16", "float")
+#: torchao's number formats, for flow "torchao" only (qviz.flows.formats: configs, CPU simulation)
+FORMAT_DTYPES = ("float8_e4m3fn", "float8_e5m2", "mxfp8", "mxfp4", "nvfp4")
+DTYPES = ("int8", "int4", "fp16", "float", *FORMAT_DTYPES)
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 ACTIVATIONS = ("minmax", "moving_average", "histogram", "percentile")
 #: torch's observer classes in the plan's words, so that the layer table, the editor and the
@@ -98,7 +101,8 @@ class LayerConfig:
     """How one layer (or fused group) is quantized. Immutable; invalid values raise ConfigError.
 
     - ``dtype``: "int8", "int4" (simulated, see :attr:`simulated`), "fp16", or "float"
-      (left unquantized).
+      (left unquantized); with flow "torchao" also its number formats "float8_e4m3fn",
+      "float8_e5m2", "mxfp8", "mxfp4" and "nvfp4" (see :mod:`qviz.flows.formats`).
     - ``weight``: "per_channel" or "per_tensor" weight scales; ``weight_symmetric``: zero
       point 0 (symmetric) or affine weights.
     - ``activation``: observer of the layer's output: "minmax", "moving_average",
@@ -183,6 +187,8 @@ class LayerConfig:
             return "float (left unquantized)"
         if self.dtype == "fp16":
             return "fp16"
+        if self.dtype in FORMAT_DTYPES:
+            return f"{self.dtype} (torchao number format)"
         sym = "symmetric" if self.weight_symmetric else "affine"
         act = self.activation
         if act == "percentile":
@@ -326,10 +332,21 @@ def _weight_spec(config: LayerConfig) -> _ObserverSpec:
     return _ObserverSpec(cls, kwargs)
 
 
+def _check_not_format(config: LayerConfig, flow: str) -> None:
+    """Refuse a torchao number format in a torch.ao flow ("static" or "dynamic")."""
+    if config.dtype in FORMAT_DTYPES:
+        raise ConfigError(
+            f"dtype {config.dtype!r} is a torchao number format: it runs with flow 'torchao' only "
+            f"(Session(..., flow='torchao')); {flow} torch.ao quantization takes dtype "
+            + ("'int8', 'fp16' or 'float'" if flow == "dynamic" else "'int8', 'int4', 'fp16' or 'float'")
+        )
+
+
 def _qconfig_spec(config: LayerConfig, flow: str, fixed: tuple[float, int] | None = None):
     """The spec of ``config``'s qconfig for flow "static" or "dynamic" (None: stays float)."""
     if config.dtype == "float":
         return None
+    _check_not_format(config, flow)
     if flow == "dynamic":
         if config.dtype == "fp16":
             return _NamedQConfig("float16_dynamic_qconfig")
@@ -405,12 +422,14 @@ def supported(config: LayerConfig, backend: str, layer_type, *, flow: str = "sta
     fp16 static stays float (FX) or crashes (eager); onednn needs symmetric weights and its
     ConvTranspose gives wrong results, as does qnnpack's ConvTranspose3d; ConvTranspose
     takes per-tensor weights only; dynamic covers Linear/RNN layers, fp16 on x86/fbgemm only.
+    torchao's number formats (float8, MX, NVFP4) are for flow "torchao" only.
     """
     _check_backend(backend)
     flow = _static_or_dynamic(flow)
     cls = _layer_class(layer_type)
     if config.dtype == "float":
         return None
+    _check_not_format(config, flow)
     name = cls.__name__
     if flow == "dynamic":
         _qconfig_spec(config, flow)  # int4 -> ConfigError

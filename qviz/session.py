@@ -314,8 +314,8 @@ class Session:
             weights={n: w for n, w in self._weights.items() if n not in float_layers},
             order=self._comparator.order, left_float=float_layers, summary=summary,
             types={n: self._layer_type(n) for n in self._layers},
-            simulated=[n for n in self._layers if self.plan is not None and n in self.plan
-                       and self.plan[n].simulated],
+            simulated=[n for n in self._layers if (self.plan is not None and n in self.plan
+                       and self.plan[n].simulated) or getattr(self._quantized.get_submodule(n), "simulated", "")],
         )
         table = results.table
         for n in self._layers:  # an int4 layer stored in 8 bits says int4 first, then how it is held

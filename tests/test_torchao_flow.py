@@ -16,6 +16,7 @@ from qviz.analysis.metrics import sqnr
 from qviz.demo import calibration_batches, eval_batches, load_demo_model
 from qviz.errors import ConfigError
 from qviz.models import transformer_block
+from qviz.plan import FORMAT_DTYPES
 from tests.helpers import assert_unchanged, model_snapshot
 
 pytest.importorskip("torchao", reason="torchao is in the test extra: pip install -e '.[test]'")
@@ -350,7 +351,7 @@ def test_dashboard_editor_offers_what_torchao_runs(block_sessions):
     from qviz.ui.views import ConfigEditor
 
     editor = ConfigEditor(state=DashboardState(block_sessions["int8_dynamic"]))
-    assert editor.widgets["dtype"].options == ["int8", "int4", "float"]
+    assert editor.widgets["dtype"].options == ["int8", "int4", *FORMAT_DTYPES, "float"]  # the number formats too
     assert not editor.widgets["weight"].disabled
     assert all(editor.widgets[f].disabled for f in ("activation", "percentile", "reduce_range"))
     editor.activation = "percentile"  # the observer toggle must not re-enable it

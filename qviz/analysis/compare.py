@@ -27,6 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import call_model, is_quant_point
+from qviz.flows.formats import block_scales, format_of
 from qviz.flows.tracing import TRACE_LOCK
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
@@ -130,11 +131,15 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 
 def _torchao_weight_info(qw) -> dict:
-    """dtype, scheme, qparams and activation mode of a torchao quantized weight."""
-    dtype = str(getattr(qw, "target_dtype", None) or qw.qdata.dtype).replace("torch.", "")
+    """dtype, scheme, qparams and activation mode of a torchao quantized weight (number formats by
+    their plan names; MX and NVFP4 with one scale per block)."""
+    dtype = format_of(qw) or str(getattr(qw, "target_dtype", None) or qw.qdata.dtype).replace("torch.", "")
     dynamic = getattr(qw, "act_quant_kwargs", None) is not None or getattr(qw, "activation_quantization", None)
-    block = list(qw.block_size)
-    if all(b == s for b, s in zip(block, qw.shape, strict=True)):
+    scale = block_scales(qw)
+    block = qw.block_size
+    if isinstance(block, int):  # MXTensor, NVFP4Tensor: blocks of inputs along each row, i.e. groups
+        granularity = f"per_group({block})"
+    elif all(b == s for b, s in zip(block, qw.shape, strict=True)):
         granularity = "per_tensor"
     elif block[-1] == qw.shape[-1]:
         granularity = "per_channel"
@@ -145,7 +150,7 @@ def _torchao_weight_info(qw) -> dict:
     return {
         "weight_dtype": dtype,
         "weight_qscheme": f"{granularity}_{'symmetric' if symmetric else 'affine'}",
-        "weight_scale": qw.scale.detach().double().reshape(-1).numpy(),
+        "weight_scale": (qw.scale if scale is None else scale).detach().double().reshape(-1).numpy(),
         "weight_zero_point": (torch.zeros(1) if zp is None else zp).detach().double().reshape(-1).numpy(),
         "activation_mode": "dynamic" if dynamic else "weight-only",
     }
@@ -220,6 +225,8 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     rec = {"weight_sqnr": sqnr(x, y), "weight_dtype": str(dtype).replace("torch.", "")}
     if is_torchao_weight(qw):
         rec.update(_torchao_weight_info(qw))
+        if getattr(qmodule, "simulated", ""):  # a number format whose kernels need a GPU
+            rec["activation_mode"] += ", simulated"
     elif qw.is_quantized:
         scheme = qw.qscheme()
         rec["weight_qscheme"] = str(scheme).replace("torch.", "")

@@ -16,7 +16,11 @@ Model, solve, verify, as the best mixed-precision tools do:
 The plan returned is the smallest plan *verified* to meet the target (probes and the plan in
 force count), so it is never larger than any plan the search measured meeting it. The pairwise
 interaction of the most sensitive layers (the additive model's error) is measured and returned.
-Sizes count weight storage at the dtype's width (int4 as 4 bits, as int4 kernels store it).
+Sizes count weight storage at the dtype's width (int4 as 4 bits, as int4 kernels store it), and
+for torchao's number formats their shared scales too: mxfp8/mxfp4 one 8-bit scale per 32 weights
+(8.25 and 4.25 bits per weight), nvfp4 one 8-bit scale per 16 (4.5 bits) plus a float32 scale per
+tensor (see :mod:`qviz.flows.formats`). Ladders may mix them: ``("mxfp4", "nvfp4", "float8_e4m3fn",
+"int8", "float")`` on a torchao session; a rung the session's flow runs on no layer is refused.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import numpy as np
 import pandas as pd
 
 from qviz.errors import ConfigError
+from qviz.flows.formats import BITS as FORMAT_BITS
+from qviz.flows.formats import TENSOR_BYTES
 
-BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32}
+BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32, **FORMAT_BITS}
 MARGIN = 2.0  # verify candidates predicted up to 3 dB (a factor 2 in noise) past the target
 ENUMERATE_UP_TO = 512  # plans: below this every plan is a candidate, not only the Pareto front
 FRONT_LIMIT = 20_000  # partial plans kept by the dynamic programme before thinning
@@ -60,11 +66,17 @@ def weight_bytes(param_counts: dict[str, int], plan, float_layers=()) -> int:
     """Bytes of weight storage of ``plan``'s layers at their dtypes' widths (``plan`` None, or a
     layer in ``float_layers``: 32-bit float). qviz's one size figure: the header, the search,
     the Pareto axis, the compare tab and the report all show it, so a QAT and a PTQ session of
-    one model agree and an int4 layer counts half an int8 one whatever the flow stores."""
-    def bits(layer: str) -> int:
-        return 32 if plan is None or layer in float_layers else BITS[plan[layer].dtype]
+    one model agree and an int4 layer counts half an int8 one whatever the flow stores (block
+    formats count their scales: see :func:`layer_bytes`)."""
+    def dtype(layer: str) -> str:
+        return "float" if plan is None or layer in float_layers else plan[layer].dtype
 
-    return int(sum(n * bits(layer) / 8 for layer, n in param_counts.items()))
+    return int(sum(layer_bytes(n, dtype(layer)) for layer, n in param_counts.items()))
+
+
+def layer_bytes(n: int, dtype: str) -> float:
+    """Bytes of one layer's ``n`` weights at ``dtype``: ``n * BITS / 8`` plus any per-tensor scale."""
+    return n * BITS[dtype] / 8 + TENSOR_BYTES.get(dtype, 0)
 
 
 class _Objective:
@@ -122,6 +134,7 @@ def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop:
     stuck = set(session.summary().get("left_float", []))  # layers the flow cannot quantize
     layers = [n for n in start if n not in stuck]
     rungs = ladder[:-1]
+    _check_rungs(session, layers, rungs)
     pairs = list(itertools.combinations(range(min(interactions, len(layers))), 2))
     most = 1 + len(layers) * len(rungs) + len(pairs) + max_verify
     walk = _Walk(session, objective, counts, callback, most)
@@ -130,7 +143,7 @@ def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop:
         walk.measure(start, "start", "the plan in force")
         costs = _probe(walk, all_float, layers, rungs)
         inter = _interactions(walk, all_float, layers, rungs, costs, pairs)
-        fixed = sum(counts[n] * BITS["float"] / 8 for n in counts if n not in layers)
+        fixed = sum(layer_bytes(counts[n], "float") for n in counts if n not in layers)
         front = _candidates(layers, ladder, costs, {n: counts[n] for n in layers}, fixed)
         _verify(walk, all_float, layers, ladder, front, objective, max_verify)
     finally:
@@ -138,6 +151,23 @@ def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop:
     if callback is not None:  # done: fewer conversions than the most there could have been
         callback(len(walk.rows), len(walk.rows))
     return SearchResult(walk.best(), pd.DataFrame(walk.rows), inter)
+
+
+def _check_rungs(session, layers, rungs) -> None:
+    """Refuse a rung the session's flow runs on none of the layers (checked as apply() checks a
+    plan, without converting): its probes would all be refused and the search silently skip it."""
+    refused = [d for d in rungs if layers and not any(session.choices(n, "dtype", (d,)) for n in layers)]
+    if refused:
+        formats = [d for d in refused if d in FORMAT_BITS]
+        hint = (f"; torchao number format(s) {_names(formats)} need Session(..., flow='torchao')"
+                if formats and session.flow.name != "torchao" else
+                "; session.choices(layer, 'dtype', ladder) says what each layer takes")
+        raise ConfigError(f"ladder rung(s) {_names(refused)} run on no layer of this session (flow "
+                          f"{session.flow.name!r}): leave them out of the ladder{hint}")
+
+
+def _names(values) -> str:
+    return ", ".join(map(repr, values))
 
 
 class _Walk:
@@ -209,7 +239,7 @@ def _candidates(layers, ladder, costs, counts, fixed: float) -> list[tuple[float
     """(weight bytes, predicted cost, rung per layer) of the plans worth verifying, smallest first:
     every plan when there are few, else the exact Pareto front of the additive model. ``fixed``:
     the bytes of the layers the search leaves float."""
-    options = [[(counts[n] * BITS[d] / 8, 0.0 if d == "float" else costs[(n, d)], k)
+    options = [[(layer_bytes(counts[n], d), 0.0 if d == "float" else costs[(n, d)], k)
                 for k, d in enumerate(ladder) if d == "float" or math.isfinite(costs[(n, d)])]
                for n in layers]
     if math.prod(len(o) for o in options) <= ENUMERATE_UP_TO:

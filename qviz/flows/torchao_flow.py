@@ -12,7 +12,9 @@ Each ``nn.Linear`` gets the torchao config its plan entry asks for (through ``Fq
 
 int4 weights are grouped along the input dimension (``group_size``, None for one scale per
 output channel; a layer's ``LayerConfig.group_size`` overrides it); torchao's
-``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx configs, which run on CPU (weights stored as int8 holding 4-bit values). Convolutions,
+``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx configs, which run on CPU
+(weights stored as int8 holding 4-bit values). float8, MX and NVFP4 layers take torchao's
+configs for them, simulated on CPU where those need a GPU (:mod:`qviz.flows.formats`). Convolutions,
 norms and other layers stay float (torchao's configs are for Linear layers).
 ``quantize_`` keeps module names, so the usual per-module comparison applies; there are no
 observers: qviz records each Linear's input during the calibration pass (role "dynamic").
@@ -33,8 +35,9 @@ from torch import nn
 
 from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
+from qviz.flows import formats
 from qviz.flows.base import QuantPoint, check_backend
-from qviz.plan import LayerConfig, Plan
+from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
     "int8_dynamic": ("int8", "dynamic"),
@@ -112,7 +115,7 @@ class TorchaoFlow:
     needs_calibration = False
     handed_over = False
     # plan fields it honours (see check_plan): no observers, nothing to calibrate
-    editable = {"dtype": ("int8", "int4", "float"), "weight": ("per_channel", "per_tensor"),
+    editable = {"dtype": ("int8", "int4", *FORMAT_DTYPES, "float"), "weight": ("per_channel", "per_tensor"),
                 "group_size": (None, 32, 64, 128)}  # None: the flow's group_size
 
     def __init__(
@@ -169,6 +172,9 @@ class TorchaoFlow:
             self.check_plan(self.plan, linears)
         configs = {n: self.config_for(self._layer_config(n)) for n in linears}
         configs = {n: c for n, c in configs.items() if c is not None}
+        for n in [n for n in configs if self._simulates(self._layer_config(n))]:  # formats needing a GPU
+            config = self._layer_config(n)
+            quantized.set_submodule(n, formats.SimulatedLinear(linears[n], configs.pop(n), config))
         if configs:
             self._quantize(quantized, self.ao.FqnToConfig(configs), None, type(observed).__name__)
         return quantized
@@ -219,6 +225,9 @@ class TorchaoFlow:
                     f"{name!r} is {type(module).__name__}: torchao's configs quantize Linear layers only; "
                     "keep it 'float'"
                 )
+            elif config.dtype in FORMAT_DTYPES:
+                problem = formats.problem(name, module, config, self.activations == "dynamic")
+                problems += [problem] if problem else []
             elif config.dtype == "int8" and not config.weight_symmetric:
                 problems.append(
                     f"{name!r}: torchao's int8 weights are symmetric; set weight_symmetric=True"
@@ -247,6 +256,8 @@ class TorchaoFlow:
         if config.dtype == "float":
             return None
         dynamic = self.activations == "dynamic"
+        if config.dtype in FORMAT_DTYPES:
+            return formats.torchao_config(ao, config, dynamic)
         if config.dtype == "int8":
             weight = ao.PerRow() if config.weight == "per_channel" else ao.PerTensor()
             if dynamic:
@@ -265,10 +276,16 @@ class TorchaoFlow:
             weight_dtype=torch.int4, granularity=granularity, mapping_type=mapping
         )
 
+    def _simulates(self, config: LayerConfig) -> bool:
+        """True when ``config`` is a number format whose torchao kernels need a GPU (qviz simulates it)."""
+        return formats.simulated(config.dtype, self.activations == "dynamic")
+
     def rebuild(self, float_layer: nn.Module, config: LayerConfig) -> nn.Module:
         """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
         layer = copy.deepcopy(float_layer)
         ao_config = self.config_for(config)
+        if self._simulates(config):
+            return formats.SimulatedLinear(layer, ao_config, config)
         if ao_config is not None:
             self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
@@ -297,8 +314,14 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
     _check_scheme(scheme, group_size)
     dynamic = SCHEMES[scheme][1] == "dynamic"
     names = {"FqnToConfig", "quantize_"}
+    mx_names: set[str] = set()  # from torchao.prototype.mx_formats
 
     def expr(config: LayerConfig) -> str:
+        if config.dtype in FORMAT_DTYPES:
+            text, imports = formats.code(config, dynamic)
+            names.update(imports.get("torchao.quantization", ()))
+            mx_names.update(imports.get("torchao.prototype.mx_formats", ()))
+            return text
         if config.dtype == "int8":
             weight = "PerRow()" if config.weight == "per_channel" else "PerTensor()"
             names.add(weight[:-2])
@@ -322,8 +345,10 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
 
     lines = []
     for name, config in plan.items():
-        if config.dtype in ("int8", "int4"):
-            lines.append(f"    {_literal(name)}: {expr(config)},")
+        if config.dtype in ("int8", "int4", *FORMAT_DTYPES):
+            simulated = formats.simulated(config.dtype, dynamic)  # its kernels need a GPU
+            note = f"  # needs {formats.needs(config)}; qviz simulated it on CPU" if simulated else ""
+            lines.append(f"    {_literal(name)}: {expr(config)},{note}")
         else:
             lines.append(f"    {_literal(name)}: None,  # {config.describe()}")
     return "\n".join(
@@ -337,6 +362,9 @@ def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | Non
             "from torchao.quantization import (",
             *(f"    {n}," for n in sorted(names, key=str.lower)),
             ")",
+            *(["from torchao.prototype.mx_formats import ("] if mx_names else []),
+            *(f"    {n}," for n in sorted(mx_names, key=str.lower)),
+            *([")"] if mx_names else []),
             "",
             "# Usage: quantize_(model.eval(), build_config(), filter_fn=None)",
             "",

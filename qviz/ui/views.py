@@ -20,6 +20,7 @@ import param
 from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 from panel.viewable import Viewer
 
+from qviz.plan import DTYPES as PLAN_DTYPES
 from qviz.ui import figures
 from qviz.ui.markup import md
 from qviz.ui.progress import ui_caller
@@ -153,7 +154,7 @@ class SummaryView(_StateView):
             parts = [f"{len(self.state.layers)} layers"]
             if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
                 parts.append(f"weights {size / 1000:.1f} kB at their dtypes' widths "
-                             f"(int4: 4 bits a value), float {float_size / 1000:.1f} kB")
+                             f"(int4: 4 bits a value, MX/NVFP4 with their scales), float {float_size / 1000:.1f} kB")
             if self.speedup.visible:
                 parts.append(f"{latency:.2f} ms quantized, {float_latency:.2f} ms float (median, this CPU)")
             parts += [f"{k} {md(meta[k])}" for k in ("flow", "backend", "torch") if meta.get(k)]
@@ -384,7 +385,7 @@ class ConfigEditor(_StateView):
     before/after of the layer's numbers, Undo, and the plan as code. Only for live sessions
     whose ``can_apply`` is True."""
 
-    dtype = param.Selector(default="int8", objects=list(DTYPES))
+    dtype = param.Selector(default="int8", objects=list(PLAN_DTYPES))  # the torchao flow's formats too
     weight = param.Selector(default="per_channel", objects=list(WEIGHT_SCHEMES))
     activation = param.Selector(default="minmax", objects=list(OBSERVERS))
     percentile = param.Number(default=99.99, bounds=(50, 100), inclusive_bounds=(False, True), step=0.01)
@@ -404,6 +405,7 @@ class ConfigEditor(_StateView):
                  "reduce_range": pn.widgets.Checkbox, "group_size": pn.widgets.Select}
         self.widgets = {f: kinds[f].from_param(getattr(self.param, f), label=f.replace("_", " "))
                         for f in self._FIELDS}
+        self.widgets["dtype"].options = list(DTYPES)  # torch.ao's; a flow's editable may offer others
         self._limit_to_flow()
         self.widgets["group_size"].visible = "group_size" in (self.state.editable or {})
         self.param.watch(self._toggle_percentile, "activation")
