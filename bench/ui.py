@@ -108,7 +108,7 @@ def apply_to_table(browser, url: str, layer: str, runs: int) -> list[float]:
         for i in range(runs + 1):
             page.locator(".bk-btn", has_text="per_tensor").click()
             start = time.perf_counter()
-            page.locator(".bk-btn", has_text="Apply").click()
+            page.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
             while not scheme.inner_text().startswith("per_tensor"):
                 page.wait_for_timeout(5)
             if i:  # the first is a warm-up

@@ -166,8 +166,8 @@ def test_apply_in_one_session_leaves_the_other_alone(live_server, new_page, arti
     before_b = b.locator(".tabulator-row", has_text="fc1").inner_text()
     row(a, "fc1").click()
     expect(a.get_by_text("Configure fc1")).to_be_visible()
-    a.locator(".bk-btn", has_text="int4").click()
-    a.locator(".bk-btn", has_text="Apply").click()
+    a.locator(".bk-btn", has_text="int4").first.click()  # the editor's, in the first tab
+    a.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
     expect(a.get_by_text("applied fc1: dtype=int4").first).to_be_visible()
     expect(a.get_by_text("fc1: output SQNR")).to_be_visible()  # the before/after table, in units
     assert session_a.plan["fc1"].dtype == "int4"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_algorithms import Planted, _batches
 
 import qviz
 from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.test_algorithms import Planted, _batches
 
 pytestmark = [*BROWSER_MARKS]
 

@@ -85,7 +85,7 @@ def test_per_tensor_apply_changes_the_layers_numbers_in_the_table(server, new_pa
     row(page, layer).click()
     expect(page.get_by_text(f"Configure {layer}")).to_be_visible()
     page.locator(".bk-btn", has_text="per_tensor").click()
-    page.locator(".bk-btn", has_text="Apply").click()
+    page.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
     expect(page.get_by_text(f"applied {layer}: weight=per_tensor").first).to_be_visible()
     after = session.to_dataframe().loc[layer]
     assert after["weight_qscheme"].startswith("per_tensor")

@@ -63,7 +63,7 @@ def test_flow_session_loads_and_applies_from_the_editor(served, new_page, artifa
     row.click()
     expect(page.get_by_text(f"Configure {layer}")).to_be_visible()
     page.locator(".bk-btn", has_text=re.compile(r"^float$")).click()
-    page.locator(".bk-btn", has_text="Apply").click()
+    page.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
     expect(page.get_by_text(f"applied {layer}: dtype=float").first).to_be_visible(timeout=60_000)
     assert session.plan[layer].dtype == "float" and not session.to_dataframe().loc[layer, "quantized"]
     expect(dtype).to_have_text("float")

@@ -37,14 +37,15 @@ def test_editor_applies_a_number_format(chromium_path, new_page, artifacts):
         row.click()
         expect(page.get_by_text("Configure fc1")).to_be_visible()
         column_right = page.get_by_text("Selected layer", exact=True).bounding_box()["x"]
-        buttons = [page.locator(".bk-btn", has_text=re.compile(rf"^{d}$")) for d in
+        dtypes = page.locator(".bk-btn-group").filter(has_text="mxfp4").first  # the editor's dtype buttons
+        buttons = [dtypes.locator(".bk-btn", has_text=re.compile(rf"^{d}$")) for d in
                    ("int8", "int4", *FORMAT_DTYPES, "float")]
         boxes = [b.bounding_box() for b in buttons]
         assert all(box["x"] + box["width"] <= column_right for box in boxes), boxes  # none under the next column
         assert all(a["x"] + a["width"] <= b["x"] + 1 or a["y"] + a["height"] <= b["y"] + 1
                    for a, b in zip(boxes, boxes[1:], strict=False)), boxes  # none overlapping the next
         buttons[FORMAT_DTYPES.index("mxfp4") + 2].click()
-        page.locator(".bk-btn", has_text="Apply").click()
+        page.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
         expect(page.get_by_text("applied fc1: dtype=mxfp4").first).to_be_visible(timeout=60_000)
         expect(row.locator('.tabulator-cell[tabulator-field="dtype"]')).to_have_text("mxfp4 (dynamic, simulated)")
         session = server.sessions[-1]

@@ -9,19 +9,14 @@ import time
 
 import pytest
 
-from qviz.demo.minilm import minilm_session
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser import BROWSER_MARKS, expect
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server(chromium_path):
-    """One live MiniLM session (short: two calibration batches) served to every browser session."""
-    session = minilm_session(progress=False, n_calib=2, n_eval=1)
-    running = serve_recording(lambda: session)
-    yield running
-    running.stop()
+@pytest.fixture
+def server(minilm_server):
+    return minilm_server
 
 
 def heat_map(page):

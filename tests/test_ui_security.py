@@ -5,6 +5,8 @@ after an Apply and in the Compare tab; no dialog opens and no element of theirs 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from qviz.ui.serve import session_factory
@@ -82,8 +84,8 @@ def test_hostile_layer_names_show_as_text(live_server, new_page, artifacts):
         settle(page)
         assert injected(page) == NONE_INJECTED
     # an Apply: the message names the layer
-    page.locator(".bk-btn", has_text="int4").click()
-    page.locator(".bk-btn", has_text="Apply").click()
+    page.locator(".bk-btn", has_text="int4").first.click()  # the editor's, in the first tab
+    page.locator(".bk-btn", has_text=re.compile(r"^Apply$")).click()
     expect(page.get_by_text(f"applied {NAMES[-1]}: dtype=int4").first).to_be_visible()
     # the Compare tab: layers only in one session are listed by name
     page.locator(".bk-tab", has_text="Compare").click()
