@@ -211,7 +211,8 @@ def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     common = [k for k in qws if k in fws]
     if not common:
         return {"weight_sqnr": math.nan}
-    x = torch.cat([fws[k].reshape(-1) for k in common])
+    # one weight: a view of the reference's (kept in the record: a copy would double the weights)
+    x = fws[common[0]].reshape(-1) if len(common) == 1 else torch.cat([fws[k].reshape(-1) for k in common])
     y = torch.cat([_float(qws[k]).reshape(-1) for k in common])
     qw = qws[common[0]]
     # fp16 dynamic layers hand their weights back as float32: ask the module what it stores
@@ -369,8 +370,24 @@ class Comparator:
         return per_layer, summary
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only stream that counts what is written and keeps none of it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+
 def serialized_size(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
+    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs (counted as
+    written, not held: a large model's bytes would be another copy of its weights)."""
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.count

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend
+from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
 from qviz.plan import LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
@@ -161,7 +161,9 @@ class TorchaoFlow:
         ]
 
     def convert(self, observed: nn.Module) -> nn.Module:
-        quantized = copy.deepcopy(observed).eval()
+        """``quantize_`` on a copy of ``observed`` sharing its parameters: torchao gives each
+        quantized Linear a new weight object, the other tensors are held once."""
+        quantized = copy_sharing_parameters(observed).eval()
         linears = {n: m for n, m in quantized.named_modules() if n and isinstance(m, nn.Linear)}
         if self.plan is not None:
             self.check_plan(self.plan, linears)
