@@ -120,8 +120,10 @@ class FakeQuantOutput(nn.Module):
 
 def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> nn.Module | None:
     """A copy of the float layer computing with the quantized layer's weights (dequantized);
-    None when the weights cannot be matched by name."""
-    module = copy.deepcopy(reference_layer)
+    None when the weights cannot be matched by name. The copy shares the float layer's
+    parameters and is given new weight tensors (an LM head's weight is not copied to be
+    overwritten)."""
+    module = copy.deepcopy(reference_layer, {id(p): p for p in reference_layer.parameters()})
     holder = module
     if not isinstance(getattr(module, "weight", None), torch.Tensor) and isinstance(module, nn.Sequential):
         holder = module[0]  # a fused float module (ConvReLU2d, LinearReLU, ...)
@@ -134,9 +136,9 @@ def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> 
     weights = quantized_weights(quantized_layer)
     if not weights or any(k not in params for k in weights):
         return None
-    with torch.no_grad():
-        for k, w in weights.items():
-            params[k].copy_(_float(w).reshape(params[k].shape))
+    for k, w in weights.items():
+        value = _float(w).detach().reshape(params[k].shape).to(params[k].dtype)
+        setattr(holder, k, nn.Parameter(value, requires_grad=params[k].requires_grad))
     return module
 
 
