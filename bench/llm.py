@@ -108,6 +108,8 @@ def child(flow: str, size: str) -> dict:
         result = fn()
         found[f"{name}_s"] = time.perf_counter() - t0
         found[f"{name}_peak"] = (_status_kib("VmHWM") - baseline) * 1024
+        gc.collect()
+        found[f"{name}_held"] = (_status_kib("VmRSS") - baseline) * 1024  # after the step
         return result
 
     kwargs = {"scheme": "int8_dynamic"} if flow == "torchao" else {}
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_child(flow, size))
             got = runs[-1]
             print(f"  {flow} {r + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {got[k + '_s']:.2f} s / peak {got[k + '_peak'] / 2**20:.0f} MiB"
+                f"{k} {got[k + '_s']:.2f} s / peak {got[k + '_peak'] / 2**20:.0f} MiB "
+                f"(after: {got[k + '_held'] / 2**20:.0f})"
                 for k in ("run", "outliers", "sweep1", "sweep")) + f", forward {got['forward_s']:.3f} s", flush=True)
         def med(key, runs=runs):
             return statistics.median(r[key] for r in runs)

@@ -205,15 +205,21 @@ def quantized_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {"weight": weight}
 
 
+def _flat(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """The weights of ``keys`` as one flat tensor: a view of a single weight (the record keeps
+    the float one; a copy would hold every weight twice), concatenated where there are several."""
+    if len(keys) == 1:
+        return weights[keys[0]].reshape(-1)
+    return torch.cat([weights[k].reshape(-1) for k in keys])
+
+
 def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     """weight_sqnr plus the weight qparams (arrays when per-channel) of one layer."""
     qws, fws = quantized_weights(qmodule), float_weights(fmodule)
     common = [k for k in qws if k in fws]
     if not common:
         return {"weight_sqnr": math.nan}
-    # one weight: a view of the reference's (kept in the record: a copy would double the weights)
-    x = fws[common[0]].reshape(-1) if len(common) == 1 else torch.cat([fws[k].reshape(-1) for k in common])
-    y = torch.cat([_float(qws[k]).reshape(-1) for k in common])
+    x, y = _flat(fws, common), _flat({k: _float(qws[k]) for k in common}, common)
     qw = qws[common[0]]
     # fp16 dynamic layers hand their weights back as float32: ask the module what it stores
     packed = getattr(qmodule, "_packed_params", None)
