@@ -20,7 +20,8 @@ the same process (median of 9: 3 before, between and after the sweeps). Ratios p
 weights once), sweep time / limit; medians over ``--repeats`` processes.
 
     python bench/llm.py              # GPT-2 small: a few minutes per flow on 2 cores
-    python bench/llm.py --small      # the same at n_layer=2, n_embd=64, vocab 512 (smoke, ~20 s)
+    python bench/llm.py --small      # n_layer=2, n_embd=64, vocab 512: a smoke run (~1 min); the
+                                     # targets are for the full size (fixed overheads dominate here)
     python bench/llm.py --repeats 3 --flows dynamic
 """
 
