@@ -210,14 +210,21 @@ def quantized_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {"weight": weight}
 
 
+def _flat(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """The weights of ``keys`` as one flat tensor: a view of a single weight (the record keeps
+    the float one; a copy would hold every weight twice), concatenated where there are several."""
+    if len(keys) == 1:
+        return weights[keys[0]].reshape(-1)
+    return torch.cat([weights[k].reshape(-1) for k in keys])
+
+
 def weight_record(qmodule: nn.Module, fmodule: nn.Module) -> dict:
     """weight_sqnr plus the weight qparams (arrays when per-channel) of one layer."""
     qws, fws = quantized_weights(qmodule), float_weights(fmodule)
     common = [k for k in qws if k in fws]
     if not common:
         return {"weight_sqnr": math.nan}
-    x = torch.cat([fws[k].reshape(-1) for k in common])
-    y = torch.cat([_float(qws[k]).reshape(-1) for k in common])
+    x, y = _flat(fws, common), _flat({k: _float(qws[k]) for k in common}, common)
     qw = qws[common[0]]
     # fp16 dynamic layers hand their weights back as float32: ask the module what it stores
     packed = getattr(qmodule, "_packed_params", None)
@@ -376,8 +383,24 @@ class Comparator:
         return per_layer, summary
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only stream that counts what is written and keeps none of it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+
 def serialized_size(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
+    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs (counted as
+    written, not held: a large model's bytes would be another copy of its weights)."""
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.count

@@ -21,7 +21,10 @@ layer). Every qparam is the one the quantized model already uses, so the figures
 
 Speed: on FX graph modules without in-place ops, one plain run per batch keeps every node's value
 (within ``cache_bytes``) and each mixed model recomputes only the nodes downstream of the swapped
-layer. Work units are picklable (``executor=`` any ``concurrent.futures.Executor``); each unit
+layer. Other models (Hugging Face ones, say) get the same saving module by module: one plain
+run per batch keeps a copy of each module's output, and a mixed model hands back those of the
+modules that finished before the swapped layer started instead of running them (see
+:class:`_Prefix`). Work units are picklable (``executor=`` any ``concurrent.futures.Executor``); each unit
 rebuilds its own caches.
 """
 
@@ -117,8 +120,10 @@ class FakeQuantOutput(nn.Module):
 
 def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> nn.Module | None:
     """A copy of the float layer computing with the quantized layer's weights (dequantized);
-    None when the weights cannot be matched by name."""
-    module = copy.deepcopy(reference_layer)
+    None when the weights cannot be matched by name. The copy shares the float layer's
+    parameters and is given new weight tensors (an LM head's weight is not copied to be
+    overwritten)."""
+    module = copy.deepcopy(reference_layer, {id(p): p for p in reference_layer.parameters()})
     holder = module
     if not isinstance(getattr(module, "weight", None), torch.Tensor) and isinstance(module, nn.Sequential):
         holder = module[0]  # a fused float module (ConvReLU2d, LinearReLU, ...)
@@ -131,9 +136,9 @@ def weight_quantized(reference_layer: nn.Module, quantized_layer: nn.Module) -> 
     weights = quantized_weights(quantized_layer)
     if not weights or any(k not in params for k in weights):
         return None
-    with torch.no_grad():
-        for k, w in weights.items():
-            params[k].copy_(_float(w).reshape(params[k].shape))
+    for k, w in weights.items():
+        value = _float(w).detach().reshape(params[k].shape).to(params[k].dtype)
+        setattr(holder, k, nn.Parameter(value, requires_grad=params[k].requires_grad))
     return module
 
 
@@ -236,14 +241,133 @@ def _swapped(model: nn.Module, swaps: dict):
             raise interrupted
 
 
-class _Runner:
-    """One model's outputs on the evaluation batches with modules swapped in by name."""
+_OPAQUE = object()
 
-    def __init__(self, model: nn.Module, batches: list, budget: int, output_fn=None):
+
+def _copied(value):
+    """A copy of a module's output (tensors cloned, in tuples, lists and dicts), _OPAQUE for
+    anything else holding state (a ModelOutput, a cache object): that is not handed back."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if type(value) in (tuple, list):
+        items = [_copied(v) for v in value]
+        return _OPAQUE if any(v is _OPAQUE for v in items) else type(value)(items)
+    if type(value) is dict:
+        items = {k: _copied(v) for k, v in value.items()}
+        return _OPAQUE if any(v is _OPAQUE for v in items.values()) else items
+    return _OPAQUE
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _replaying(model: nn.Module, outputs: dict):
+    """Modules of ``model`` hand back a copy of their recorded output (``outputs``: name ->
+    output) instead of computing it: their ``forward`` is shadowed on the instance, so they stay
+    where they are with their attributes (parents may read them); restored after, whatever is
+    raised."""
+    shadowed = []
+    try:
+        for name, output in outputs.items():
+            module = model.get_submodule(name)
+            shadowed.append((module, module.__dict__.get("forward", _MISSING)))
+            module.forward = lambda *args, _output=output, **kwargs: _copied(_output)
+        yield model
+    finally:
+        for module, before in reversed(shadowed):
+            if before is _MISSING:
+                del module.forward
+            else:
+                module.forward = before
+
+
+class _Prefix:
+    """A model's plain run on one batch, module by module: when each module's call started and
+    ended, and a copy of the output of each module called once. With layer L swapped, every
+    module that ended before L started computes exactly what it did (modules in eval mode are
+    functions of their inputs and parameters): :meth:`replays` gives the outermost of those and
+    their outputs, to hand back (:func:`_replaying`), so a mixed model computes only from L on
+    (half the model for an average layer). Kept for the modules that can stand in for some of
+    ``targets`` only, and used only if replaying gives the plain output bit for bit (a module
+    with side effects that later ones read would not)."""
+
+    def __init__(self, model: nn.Module, batch, targets, output_fn):
+        start, end, outputs, calls, clock = {}, {}, {}, {}, iter(range(2**62))
+
+        def before(name):
+            def hook(module, args):
+                calls[name] = calls.get(name, 0) + 1
+                start.setdefault(name, next(clock))
+            return hook
+
+        def after(name):
+            def hook(module, args, output):
+                end[name] = next(clock)
+                outputs[name] = _copied(output)
+            return hook
+
+        handles = []
+        try:
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_pre_hook(before(name)))
+                    handles.append(module.register_forward_hook(after(name)))
+            self.output = model_output(call_model(model, batch), output_fn)
+        finally:
+            for h in handles:
+                h.remove()
+        self.start, self.end = start, end
+        self.outputs = {n: o for n, o in outputs.items() if calls[n] == 1 and o is not _OPAQUE}
+        needed = set().union(*(self._outermost({t}) for t in targets if t in start))
+        self.outputs = {n: o for n, o in self.outputs.items() if n in needed}
+        self.nbytes = _nbytes(_leaves(list(self.outputs.values())))
+
+    def _outermost(self, swaps) -> list[str]:
+        begin = min(self.start.get(n, -1) for n in swaps)
+        done = {n for n in self.outputs if self.end[n] < begin}
+        return [n for n in done if not any(n.startswith(d + ".") for d in done)]
+
+    def replays(self, swaps) -> dict:
+        """Module name -> recorded output, for the outermost modules done before ``swaps``."""
+        return {n: self.outputs[n] for n in self._outermost(swaps)}
+
+    def faithful(self, model: nn.Module, batch, targets, output_fn) -> bool:
+        """Whether replaying what stands in for the middle and the last of ``targets`` (nothing
+        swapped) gives the plain output exactly."""
+        ran = sorted((t for t in targets if t in self.start), key=self.start.__getitem__)
+        for t in {ran[len(ran) // 2], ran[-1]} if ran else ():
+            try:
+                with _replaying(model, self.replays({t})):
+                    out = model_output(call_model(model, batch), output_fn)
+            except Exception:  # noqa: BLE001 - a model that cannot be replayed runs in full
+                return False
+            if not (out.shape == self.output.shape and torch.equal(out, self.output)):
+                return False
+        return True
+
+
+def _leaves(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    if isinstance(value, dict):
+        return _leaves(list(value.values()))
+    return [value]
+
+
+class _Runner:
+    """One model's outputs on the evaluation batches with modules swapped in by name;
+    ``targets``: the names that will be swapped (what a :class:`_Prefix` keeps outputs for)."""
+
+    def __init__(self, model: nn.Module, batches: list, budget: int, output_fn=None, targets=()):
         self.model, self.batches, self.budget, self.output_fn = model, batches, budget, output_fn
         graph = isinstance(model, torch.fx.GraphModule) and not any(_mutates(n, model) for n in model.graph.nodes)
         self.values = _Values(model) if graph else None
+        self.targets = list(targets)
         self.envs: dict[int, dict] = {}  # batch -> node values of the plain run, while they fit
+        self.prefixes: dict[int, _Prefix | None] = {}  # batch -> module outputs of the plain run
         self.plain: dict[int, torch.Tensor] = {}  # batch -> plain output
         self.kept = 0
 
@@ -252,13 +376,27 @@ class _Runner:
             env = self._env(i)
             if env is not None:
                 return model_output(self.values.rerun(env, swaps), self.output_fn) if swaps else self.plain[i]
+        prefix = self._prefix(i) if self.values is None else None  # its plain run fills self.plain
         if not swaps and i in self.plain:
             return self.plain[i]
-        with _swapped(self.model, swaps):
+        replays = prefix.replays(swaps) if prefix is not None and swaps else {}
+        with _swapped(self.model, swaps), _replaying(self.model, replays):
             out = model_output(call_model(self.model, self.batches[i]), self.output_fn)
         if not swaps:
             self.plain[i] = out
         return out
+
+    def _prefix(self, i: int) -> _Prefix | None:
+        """The module outputs of the plain run on batch ``i`` (that run gives its plain output);
+        None where they do not fit the budget or do not replay faithfully."""
+        if i not in self.prefixes:
+            prefix = _Prefix(self.model, self.batches[i], self.targets, self.output_fn)
+            self.plain[i] = prefix.output
+            keep = self.kept + prefix.nbytes <= self.budget and prefix.faithful(
+                self.model, self.batches[i], self.targets, self.output_fn)
+            self.prefixes[i] = prefix if keep else None
+            self.kept += prefix.nbytes if keep else 0
+        return self.prefixes[i]
 
     def _env(self, i: int) -> dict | None:
         """Node values of the plain run on batch ``i``; None where they did not fit the budget."""
@@ -353,7 +491,8 @@ class _Sweep:
 
     def runner(self, which: str) -> _Runner:
         if which not in self._runners:
-            self._runners[which] = _Runner(getattr(self, which), self.batches, self.cache_bytes // 2, self.output_fn)
+            self._runners[which] = _Runner(getattr(self, which), self.batches, self.cache_bytes // 2, self.output_fn,
+                                           targets=list(self.specs))
         return self._runners[which]
 
     def metric(self, which: str, swaps: dict) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 _MAX_BINS = 2**20
+CHUNK = 2**22  # values binned at a time: the temporaries stay 32 MiB for a layer of any size
 
 
 class StreamingHistogram:
@@ -95,12 +96,11 @@ class StreamingHistogram:
         # bin = floor(x / w) - n, exact: x / w scales by a power of two; float32 is enough (and
         # twice as fast) when 2**-100 <= w <= 1 (no under/overflow) and |n| + bins < 2**24
         small = -100 <= self._e <= 0 and abs(self._n) + self.bins < 2**24
-        if small and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            t = x.float().mul(math.ldexp(1.0, -self._e))
-        else:
-            t = x.double().mul(math.ldexp(1.0, -self._e))
-        idx = t.floor_().sub_(self._n).clamp_(0, self.bins - 1).int()
-        self._counts += torch.bincount(idx, minlength=self.bins).cpu().numpy()
+        dtype = torch.float32 if small and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
+        for part in x.split(CHUNK):
+            t = part.to(dtype).mul(math.ldexp(1.0, -self._e))
+            idx = t.floor_().sub_(self._n).clamp_(0, self.bins - 1).int()
+            self._counts += torch.bincount(idx, minlength=self.bins).cpu().numpy()
 
     def _cover(self, mn: float, mx: float, min_e: int | None = None) -> None:
         """Set up (first data) or grow the grid so that it holds [mn, mx]; track min/max."""

@@ -93,6 +93,15 @@ def neutral_reference(observed: nn.Module, points: list[QuantPoint]) -> nn.Modul
     return ref.eval()
 
 
+def copy_sharing_parameters(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``'s modules that shares its parameter tensors, for a convert that
+    replaces the weights of the layers it quantizes (new modules or new weight objects) and
+    leaves the other parameters as they are: the embeddings, norms and float layers of a large
+    model then exist once, not once per model (``model`` is the flow's own copy, never the user's)."""
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

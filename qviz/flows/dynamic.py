@@ -21,7 +21,7 @@ from torch.ao import quantization as tq
 from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend
+from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
 from qviz.plan import LayerConfig, Plan, to_qconfig
 
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
@@ -88,13 +88,15 @@ class DynamicFlow:
         return layers, [n for n in left_float if self._quantizes(n, reference.get_submodule(n))]
 
     def convert(self, observed: nn.Module) -> nn.Module:
-        model = copy.deepcopy(observed)
+        """``quantize_dynamic`` in place on a copy of ``observed`` sharing its parameters (the
+        quantized layers are new modules; the others keep the float tensors, held once)."""
+        model = copy_sharing_parameters(observed)
         if self.plan is not None:
             candidates = {n: m for n, m in model.named_modules() if self._quantizes(n, m)}
             self.check_plan(self.plan, candidates)
-            return tq.quantize_dynamic(model, self.qconfig_spec_of(self.plan), inplace=False)
+            return tq.quantize_dynamic(model, self.qconfig_spec_of(self.plan), inplace=True)
         spec = self.qconfig_spec if self.qconfig_spec is not None else set(DYNAMIC_TYPES)
-        return tq.quantize_dynamic(model, spec, dtype=self.dtype)
+        return tq.quantize_dynamic(model, spec, dtype=self.dtype, inplace=True)
 
     # -- plans -------------------------------------------------------------------------------
     def use_plan(self, plan: Plan) -> None:

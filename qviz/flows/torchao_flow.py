@@ -36,7 +36,7 @@ from torch import nn
 from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
 from qviz.flows import formats
-from qviz.flows.base import QuantPoint, check_backend
+from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
 from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
@@ -166,7 +166,9 @@ class TorchaoFlow:
         ]
 
     def convert(self, observed: nn.Module) -> nn.Module:
-        quantized = copy.deepcopy(observed).eval()
+        """``quantize_`` on a copy of ``observed`` sharing its parameters: torchao gives each
+        quantized Linear a new weight object, the other tensors are held once."""
+        quantized = copy_sharing_parameters(observed).eval()
         linears = {n: m for n, m in quantized.named_modules() if n and isinstance(m, nn.Linear)}
         if self.plan is not None:
             self.check_plan(self.plan, linears)
