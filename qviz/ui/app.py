@@ -63,31 +63,36 @@ class Dashboard(Viewer):
             return pn.pane.Alert(md(f"{what} is unavailable: {type(exc).__name__}: {exc}"), alert_type="danger")
 
     def sections(self) -> list:
-        """The dashboard's parts, top to bottom: figures, messages, then one tab per view."""
+        """The dashboard's parts, top to bottom: figures, messages, then one tab per view. Only the
+        Layers tab is laid out at first; every other tab gets its view when first opened, so the
+        first render pays for the tab on screen only (the views exist from the start and follow
+        the state: a sweep or a search runs whichever tab is open)."""
         # Not dynamic: Panel 1.9 keeps a hidden dynamic tab's models detached and still updates them,
         # relinking shared stylesheets to its CDN (unreachable offline) when a message or card changes.
-        tabs = [("Layers", self._layers_tab()), ("Graph", self.graph), ("Sensitivity", self.sensitivity),
-                ("Mixed precision", self.pareto), ("QAT", self.qat), ("Outliers", self.outliers)]
+        views = [("Graph", self.graph), ("Sensitivity", self.sensitivity), ("Mixed precision", self.pareto),
+                 ("QAT", self.qat), ("Outliers", self.outliers)]
         if self.groups is not None:  # only where there are Linear layers to group
-            tabs.append(("Groups", self.groups))
-        tabs.append(("Algorithms", self.algorithms))
+            views.append(("Groups", self.groups))
+        views.append(("Algorithms", self.algorithms))
         if self.compare is not None:
-            tabs.append(("Compare", self.compare))
-        names = [name for name, _ in tabs]
-        widget = pn.Tabs(*tabs, dynamic=False, sizing_mode="stretch_width")
-        widget.param.watch(lambda event: self._opened(names[event.new]), "active")
+            views.append(("Compare", self.compare))
+        holders = [pn.Column(sizing_mode="stretch_width") for _ in views]
+        widget = pn.Tabs(("Layers", self._layers_tab()), *((name, holder) for (name, _), holder in
+                                                          zip(views, holders, strict=True)),
+                         dynamic=False, sizing_mode="stretch_width")
+        lazy = [None, *((holder, view) for holder, (_, view) in zip(holders, views, strict=True))]
+        widget.param.watch(lambda event: self._opened(*lazy[event.new]) if lazy[event.new] else None, "active")
         return [self.summary, self.messages, widget]
 
-    def _opened(self, name: str) -> None:
-        """A tab was opened: the Outliers tab measures (a float pass over the calibration batches),
-        the Graph tab traces and the Groups tab draws on first opening: a page not looking at them should
-        not wait for them."""
-        if name == "Outliers" and isinstance(self.outliers, OutlierView):
-            self.outliers.show()
-        if name == "Graph" and isinstance(self.graph, GraphView):
-            self.graph.show()
-        if name == "Groups" and isinstance(self.groups, GroupView):
-            self.groups.show()
+    @staticmethod
+    def _opened(holder: pn.Column, view) -> None:
+        """A tab was opened: on the first opening its view is laid out, and the views that measure
+        or draw only when looked at (outliers: a float pass; the graph: a trace; the weight groups)
+        do so now."""
+        if not holder.objects:
+            holder.append(view)
+        if isinstance(view, (GraphView, OutlierView, GroupView)):  # not an Alert saying the view failed
+            view.show()
 
     def _layers_tab(self) -> pn.Row:
         """Layer table, depth chart and config editor beside the selected layer's view."""

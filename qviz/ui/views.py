@@ -415,7 +415,8 @@ class ConfigEditor(_StateView):
         self.undo_button.on_click(lambda _: self.undo())
         self.compare = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=True,
                                             sizing_mode="stretch_width", label="before/after")
-        self.compare_box = pn.Column(pn.pane.Markdown("##### Before / after", margin=(0, 10)), self.compare,
+        # the table joins the page on the first change: a hidden Tabulator still costs a first render
+        self.compare_box = pn.Column(pn.pane.Markdown("##### Before / after", margin=(0, 10)),
                                      visible=False, sizing_mode="stretch_width")
         # plain <pre> text, selectable to copy: a code editor widget costs ~0.5 s of browser CPU
         # at first render, and this code is read and copied, not edited
@@ -507,6 +508,8 @@ class ConfigEditor(_StateView):
         self.compare_box.visible = bool(change)
         if not change:
             return
+        if self.compare not in self.compare_box.objects:
+            self.compare_box.append(self.compare)
         before, after = change["before"], change["after"]
         layer = change["layer"]
         rows = {f"{layer}: {f.replace('_', ' ')}": (before[f], after[f]) for f in self._FIELDS
