@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
-#: torchao's number formats, for flow "torchao" only (qviz.flows.formats: configs, CPU simulation)
+#: torchao's number formats, for flow "torchao" only (qviz.flows.torchao.formats: configs, CPU simulation)
 FORMAT_DTYPES = ("float8_e4m3fn", "float8_e5m2", "mxfp8", "mxfp4", "nvfp4")
 DTYPES = ("int8", "int4", "fp16", "float", *FORMAT_DTYPES)
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
@@ -102,7 +102,7 @@ class LayerConfig:
 
     - ``dtype``: "int8", "int4" (simulated, see :attr:`simulated`), "fp16", or "float"
       (left unquantized); with flow "torchao" also its number formats "float8_e4m3fn",
-      "float8_e5m2", "mxfp8", "mxfp4" and "nvfp4" (see :mod:`qviz.flows.formats`).
+      "float8_e5m2", "mxfp8", "mxfp4" and "nvfp4" (see :mod:`qviz.flows.torchao.formats`).
     - ``weight``: "per_channel" or "per_tensor" weight scales; ``weight_symmetric``: zero
       point 0 (symmetric) or affine weights.
     - ``activation``: observer of the layer's output: "minmax", "moving_average",
@@ -858,11 +858,11 @@ class Plan(Mapping):
         ``build_quantizer()`` returning the X86InductorQuantizer.
         """
         if flow == "torchao":
-            from qviz.flows.torchao_flow import torchao_code
+            from qviz.flows.torchao.flow import torchao_code
 
             return torchao_code(self, **options)
         if flow == "pt2e" and not options:
-            from qviz.flows.pt2e import pt2e_code
+            from qviz.flows.pt2e.flow import pt2e_code
 
             return pt2e_code(self)
         if options:

@@ -41,15 +41,10 @@ from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
 from qviz.flows.base import call_model, positional, split_batch
-from qviz.flows.eager import detect_fusion_groups
 from qviz.flows.failure import model_failure
-from qviz.flows.fx import FunctionalLayer, constant_value, observed_nodes
-from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
-from qviz.io.results import Results
-from qviz.plan import Plan, default_layer_config, to_qconfig
-from qviz.progress import progress_bar
-from qviz.torch_warnings import quiet_torch
-from qviz.whatif import (
+from qviz.flows.torch_ao.eager import detect_fusion_groups
+from qviz.flows.torch_ao.fx import FunctionalLayer, constant_value, observed_nodes
+from qviz.flows.torch_ao.rebuild import (
     FloatLayer,
     activation_qparams,
     build_layer,
@@ -58,6 +53,11 @@ from qviz.whatif import (
     plan_qconfig_mapping,
     same_activation,
 )
+from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
+from qviz.io.results import Results
+from qviz.plan import Plan, default_layer_config, to_qconfig
+from qviz.progress import progress_bar
+from qviz.torch_warnings import quiet_torch
 
 
 def _batches(data, what: str) -> list:

@@ -22,7 +22,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 import qviz
 from qviz.flows import quantized_engine
-from qviz.flows.eager import unsupported_op_advice
+from qviz.flows.torch_ao.eager import unsupported_op_advice
 from tests.helpers import assert_unchanged, model_snapshot
 
 pytestmark = pytest.mark.filterwarnings(

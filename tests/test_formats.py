@@ -15,7 +15,7 @@ import qviz
 from qviz.analysis.metrics import sqnr
 from qviz.analysis.search import weight_bytes
 from qviz.errors import ConfigError
-from qviz.flows import formats
+from qviz.flows.torchao import formats
 from qviz.plan import DTYPES, FORMAT_DTYPES, LayerConfig
 from tests.helpers import assert_unchanged, model_snapshot
 

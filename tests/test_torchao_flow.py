@@ -323,7 +323,7 @@ def test_missing_torchao_says_what_to_install(monkeypatch):
 
 def test_importing_torchao_through_qviz_is_quiet():
     code = (
-        "import qviz\nfrom qviz.flows.torchao_flow import load_torchao\nload_torchao()\n"
+        "import qviz\nfrom qviz.flows.torchao.flow import load_torchao\nload_torchao()\n"
         "from qviz.demo import calibration_batches, load_demo_model\n"
         "qviz.Session(load_demo_model(), calibration_batches(1, 8), flow='torchao', progress=False)\n"
     )

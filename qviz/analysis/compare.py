@@ -27,7 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import call_model, is_quant_point
-from qviz.flows.formats import block_scales, format_of
+from qviz.flows.torchao.formats import block_scales, format_of
 from qviz.flows.tracing import TRACE_LOCK
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")

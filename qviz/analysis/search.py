@@ -19,7 +19,7 @@ interaction of the most sensitive layers (the additive model's error) is measure
 Sizes count weight storage at the dtype's width (int4 as 4 bits, as int4 kernels store it), and
 for torchao's number formats their shared scales too: mxfp8/mxfp4 one 8-bit scale per 32 weights
 (8.25 and 4.25 bits per weight), nvfp4 one 8-bit scale per 16 (4.5 bits) plus a float32 scale per
-tensor (see :mod:`qviz.flows.formats`). Ladders may mix them: ``("mxfp4", "nvfp4", "float8_e4m3fn",
+tensor (see :mod:`qviz.flows.torchao.formats`). Ladders may mix them: ``("mxfp4", "nvfp4", "float8_e4m3fn",
 "int8", "float")`` on a torchao session; a rung the session's flow runs on no layer is refused.
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from qviz.errors import ConfigError
-from qviz.flows.formats import BITS as FORMAT_BITS
-from qviz.flows.formats import TENSOR_BYTES
+from qviz.flows.torchao.formats import BITS as FORMAT_BITS
+from qviz.flows.torchao.formats import TENSOR_BYTES
 
 BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32, **FORMAT_BITS}
 MARGIN = 2.0  # verify candidates predicted up to 3 dB (a factor 2 in noise) past the target

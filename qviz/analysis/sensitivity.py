@@ -53,9 +53,9 @@ from qviz.analysis.metrics import ErrorAccumulator
 from qviz.errors import ConfigError, QvizError, SweepError
 from qviz.flows import quantized_engine
 from qviz.flows.base import call_model, positional
+from qviz.flows.torch_ao.rebuild import FloatLayer, feeds_only_dequantize
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.torch_warnings import quiet_torch
-from qviz.whatif import FloatLayer, feeds_only_dequantize
 
 VARIANTS = ("quantize_only", "skip_only", "weight_only", "activation_only")
 COLUMNS = ("rank", *VARIANTS, "sensitivity", "float_metric")

@@ -47,9 +47,9 @@ from qviz.analysis.metrics import ErrorAccumulator
 from qviz.capture.histogram import StreamingHistogram
 from qviz.errors import ConfigError, QvizError
 from qviz.flows.base import BACKENDS, QuantPoint, call_model, is_fake_quant, positional
-from qviz.flows.eager import EagerFlow
-from qviz.flows.fx import FxFlow, is_fx_prepared
-from qviz.flows.torchao_flow import fake_quantizer_range, is_torchao_fake_quantizer
+from qviz.flows.torch_ao.eager import EagerFlow
+from qviz.flows.torch_ao.fx import FxFlow, is_fx_prepared
+from qviz.flows.torchao.flow import fake_quantizer_range, is_torchao_fake_quantizer
 from qviz.io.session_file import read_session_file, write_session_file
 
 _QUANTITIES = ("scale", "zero_point", "min", "max")
@@ -65,7 +65,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _quant_points(model: nn.Module):
     """Points named and mapped to layers as the flows do (FX via the observed node)."""
-    from qviz.flows.pt2e import is_pt2e_prepared, qat_points
+    from qviz.flows.pt2e.flow import is_pt2e_prepared, qat_points
 
     if is_pt2e_prepared(model):  # prepare_qat_pt2e: aten graph, layers named by nn_module_stack
         return qat_points(model)

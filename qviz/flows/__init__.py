@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from qviz.errors import ConfigError
 from qviz.flows.base import BACKENDS, Flow, QuantPoint, quantized_engine
-from qviz.flows.dynamic import DynamicFlow
-from qviz.flows.eager import EagerFlow
-from qviz.flows.fx import FxFlow
-from qviz.flows.pt2e import Pt2eFlow
-from qviz.flows.torchao_flow import TorchaoFlow
+from qviz.flows.pt2e.flow import Pt2eFlow
+from qviz.flows.torch_ao.dynamic import DynamicFlow
+from qviz.flows.torch_ao.eager import EagerFlow
+from qviz.flows.torch_ao.fx import FxFlow
+from qviz.flows.torchao.flow import TorchaoFlow
 
 FLOWS = {
     "eager": EagerFlow,

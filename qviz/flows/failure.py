@@ -3,7 +3,7 @@
 Such a failure is not in the data: :func:`model_failure` names the innermost module that was
 running when torch raised (by the float model's name and type, found from the traceback's frames,
 no second run), the user's line where there is one, torch's first line, and the fix where the
-error matches a known pattern (ops without a quantized kernel: :func:`qviz.flows.eager.unsupported_op_advice`).
+error matches a known pattern (ops without a quantized kernel: :func:`qviz.flows.torch_ao.eager.unsupported_op_advice`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qviz.errors import ModelError
-from qviz.flows.eager import unsupported_op_advice
+from qviz.flows.torch_ao.eager import unsupported_op_advice
 
 _TORCH_DIR = f"{os.sep}torch{os.sep}"
 

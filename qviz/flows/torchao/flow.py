@@ -14,7 +14,7 @@ int4 weights are grouped along the input dimension (``group_size``, None for one
 output channel; a layer's ``LayerConfig.group_size`` overrides it); torchao's
 ``Int4WeightOnlyConfig`` needs GPU kernels, so qviz uses the intx configs, which run on CPU
 (weights stored as int8 holding 4-bit values). float8, MX and NVFP4 layers take torchao's
-configs for them, simulated on CPU where those need a GPU (:mod:`qviz.flows.formats`). Convolutions,
+configs for them, simulated on CPU where those need a GPU (:mod:`qviz.flows.torchao.formats`). Convolutions,
 norms and other layers stay float (torchao's configs are for Linear layers).
 ``quantize_`` keeps module names, so the usual per-module comparison applies; there are no
 observers: qviz records each Linear's input during the calibration pass (role "dynamic").
@@ -35,8 +35,8 @@ from torch import nn
 
 from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
-from qviz.flows import formats
 from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
+from qviz.flows.torchao import formats
 from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)

@@ -41,7 +41,7 @@ from qviz.flows.base import (
     positional,
     role_of_attribute,
 )
-from qviz.flows.eager import is_quant_point_child
+from qviz.flows.torch_ao.eager import is_quant_point_child
 from qviz.flows.tracing import one_trace_at_a_time
 
 _OWN_DIRS = tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep for m in (torch, qviz))
@@ -348,7 +348,7 @@ class FxFlow:
 
     def plan_mapping(self, plan):
         """The plan as a QConfigMapping that addresses this model's functional rows exactly."""
-        from qviz.whatif import plan_qconfig_mapping
+        from qviz.flows.torch_ao.rebuild import plan_qconfig_mapping
 
         return plan_qconfig_mapping(plan, self.functional)
 

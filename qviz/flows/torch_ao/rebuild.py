@@ -22,7 +22,7 @@ from torch.ao.quantization.quantization_mappings import get_default_static_quant
 
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
-from qviz.flows.fx import OP_OF_KIND
+from qviz.flows.torch_ao.fx import OP_OF_KIND
 from qviz.plan import LayerConfig, Plan, to_qconfig
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
@@ -118,7 +118,7 @@ def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
     the ops whose qparams the backend fixes or reuses (sigmoid, tanh, reshape, ...) keep them, as
     in ``get_default_qconfig_mapping``, so re-conversions build the first conversion's graph.
 
-    ``functional`` (row name -> :class:`qviz.flows.fx.FunctionalOp`): a row named by its module
+    ``functional`` (row name -> :class:`qviz.flows.torch_ao.fx.FunctionalOp`): a row named by its module
     (``"head"``) is that module, everything inside it, as for any module name; rows inside it
     get entries of their own. A row ``"block.linear#1"`` is that one call
     (``set_module_name_object_type_order``), not the other ops of ``block``."""

@@ -44,10 +44,10 @@ from qviz.flows.base import (
     neutral_reference,
     split_batch,
 )
-from qviz.flows.torchao_flow import quiet_torchao
+from qviz.flows.torch_ao.rebuild import activation_qparams, fix_qparams
+from qviz.flows.torchao.flow import quiet_torchao
 from qviz.flows.tracing import one_trace_at_a_time
 from qviz.plan import LayerConfig, Plan
-from qviz.whatif import activation_qparams, fix_qparams
 
 INSTALL_HINT = 'flow="pt2e" needs torchao (PT2E lives in torchao.quantization.pt2e): pip install "qviz[torchao]"'
 _EPILOGUE = (
