@@ -10,17 +10,19 @@ A flow turns the user's float model into three models that qviz works with:
 
 Layers are named as the float model's ``named_modules()`` spells them (a fused group by its first
 module), and the three models keep those names, so capture and analysis never need to know which
-flow produced them. New flows (PT2E, torchao) implement :class:`Flow` and register themselves.
+flow produced them. Every flow subclasses :class:`Flow` and is found through
+:mod:`qviz.flows.registry`.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import inspect
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -59,22 +61,176 @@ def is_fake_quant(module: nn.Module) -> bool:
     return hasattr(module, "fake_quant_enabled") and hasattr(module, "observer_enabled")
 
 
-class Flow(Protocol):
-    """The steps qviz needs from a quantization flow (eager, FX, dynamic, ...)."""
+@dataclass
+class Calibration:
+    """What a session's run left that a flow needs to re-convert layers without calibrating
+    again: the models, the plan in force and the one calibration ran under, every point's
+    record and its qparams at calibration, the batches, and ``run_batch(model, batch, index)``
+    (the session's model call, with its error messages). Dicts are the session's own."""
 
-    name: str
+    model: nn.Module  # the user's float model: never modified
+    reference: nn.Module
+    quantized: nn.Module
+    plan: Any  # qviz.plan.Plan in force
+    run_plan: Any  # the Plan the calibrated model was prepared under
+    records: dict  # point name -> PointRecord
+    initial: dict  # point name -> its arrays (scale, zero_point, ...) at calibration
+    calib: list
+    example: Any
     backend: str
-    needs_calibration: bool
+    run_batch: Callable
 
+
+@dataclass
+class Reconversion:
+    """A flow's answer to a plan change: the new quantized model, and the modules it swapped
+    into the session's live quantized model (name -> the module that was there), which the
+    session swaps back if anything fails before it commits."""
+
+    quantized: nn.Module
+    swapped: dict[str, nn.Module] = field(default_factory=dict)
+
+
+class Flow(abc.ABC):
+    """A quantization flow: how qviz prepares, calibrates, converts and edits a model with it.
+
+    Subclass it, set the class attributes, implement the four abstract steps and whatever of
+    the editing methods the flow supports, then :func:`qviz.flows.registry.register_flow` it
+    (or declare it in the ``qviz.flows`` entry point group). The Session calls only what is
+    declared here; nothing outside a flow's package knows its name.
+    """
+
+    #: the name users pass as ``Session(flow=...)`` and ``qviz demo --flow``
+    name: ClassVar[str]
+    #: what it quantizes, for the message of a model where it found nothing to quantize
+    quantizes: ClassVar[str] = "layers with weights"
+    #: ``Session`` keyword arguments it takes, as {session keyword: constructor keyword}
+    session_options: ClassVar[Mapping[str, str]] = {}
+    #: whether calibration batches set its qparams (False: weight-only or dynamic)
+    needs_calibration: ClassVar[bool] = True
+    #: built on the deprecated torch.ao.quantization (the session says so once)
+    deprecated: ClassVar[bool] = False
+    #: the plan fields it honours with their allowed values (None: any); None: every field
+    editable: ClassVar[Mapping[str, tuple | None] | None] = None
+    #: the dtypes the mixed-precision search tries, cheap to precise
+    ladder: ClassVar[tuple[str, ...]] = ("int4", "int8", "float")
+    #: whether :meth:`reconvert` can edit layers live (Session.apply, the editor, search)
+    can_edit: ClassVar[bool] = True
+    #: "module swap" (qviz swaps one layer at a time) or "re-conversion" (:meth:`sweep`)
+    sensitivity_by: ClassVar[str] = "module swap"
+    #: whether the first conversion can leave a plan's float layers float by itself; if not,
+    #: the session runs them quantized and applies the float layers right after
+    converts_float_layers: ClassVar[bool] = True
+
+    backend: str
+    plan: Any = None  # the Plan driving the next prepare (see use_plan)
+    handed_over: bool = False  # the user gave a model this flow had prepared already
+
+    # -- the run ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def prepare(self, model: nn.Module, example_inputs: Any) -> nn.Module:
-        """``example_inputs`` is a batch (see :func:`split_batch`): a mapping where the user's
-        batches are keyword inputs (:func:`positional` for APIs that take a tuple)."""
+        """A prepared copy of ``model`` (never the model itself). ``example_inputs`` is a batch
+        (see :func:`split_batch`); :func:`positional` gives it as a tuple. A model the flow had
+        prepared already (the user's QAT model) is taken as it is, with ``handed_over`` set."""
 
-    def quant_points(self, observed: nn.Module) -> list[QuantPoint]: ...
+    @abc.abstractmethod
+    def quant_points(self, observed: nn.Module) -> list[QuantPoint]:
+        """Every observer / fake-quant of ``observed``, with the layer each serves."""
 
-    def reference(self, observed: nn.Module) -> nn.Module: ...
+    @abc.abstractmethod
+    def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
+        """``observed`` computing in float, fused and named like it (see :func:`neutral_reference`)."""
 
-    def convert(self, observed: nn.Module) -> nn.Module: ...
+    @abc.abstractmethod
+    def convert(self, observed: nn.Module) -> nn.Module:
+        """The quantized model, layers named as in ``reference``."""
+
+    def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
+        """(quantized layers, layers with weights left float), in execution order."""
+        from qviz.analysis.compare import find_layers
+
+        return find_layers(quantized, reference)
+
+    @property
+    def meta(self) -> dict:
+        """Options saved with the results (a plan's code needs them, see :meth:`plan_code`)."""
+        return {}
+
+    @property
+    def owns_configs(self) -> bool:
+        """Whether qviz chose the configs (the plan), so it may change them; False where the user
+        passed their own qconfigs, quantizer or prepared model."""
+        return not self.handed_over
+
+    # -- the plan --------------------------------------------------------------------------------
+    def use_plan(self, plan) -> None:
+        """Drive the next prepare and convert by ``plan`` (a qviz.Plan)."""
+        self.plan = plan
+
+    @abc.abstractmethod
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]):
+        """The Plan describing what the flow did without one (layers in execution order)."""
+
+    @abc.abstractmethod
+    def check_plan(self, plan, modules: Mapping[str, nn.Module]) -> None:
+        """Raise ConfigError naming what of ``plan`` this flow and backend cannot run on
+        ``modules`` (layer name -> float module) and what to choose instead."""
+
+    @classmethod
+    def plan_code(cls, plan, **options) -> str:
+        """Plain torch code that quantizes a model as ``plan`` says, without qviz; ``options``
+        are the flow's :attr:`meta`."""
+        raise ConfigError(f"flow {cls.name!r} cannot write a plan as code")
+
+    # -- live editing ----------------------------------------------------------------------------
+    def reconvert(self, target, changed: list[str], calibration: Calibration) -> Reconversion:
+        """The quantized model under plan ``target`` (``changed``: its layers that differ from
+        the plan in force), qparams from the recorded statistics, no calibration pass where
+        possible. The default swaps each changed layer's module for :meth:`rebuild_layer`'s."""
+        quantized, swapped = calibration.quantized, {}
+        try:
+            for name in changed:
+                module = self.rebuild_layer(name, target[name], calibration)
+                swapped[name] = swap_module(quantized, name, module)
+        except BaseException:
+            for name, module in swapped.items():
+                swap_module(quantized, name, module)
+            raise
+        return Reconversion(quantized, swapped)
+
+    def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
+        """Layer ``name`` converted under ``config`` (a LayerConfig), for :meth:`reconvert`."""
+        raise ConfigError(f"flow {self.name!r} cannot rebuild one layer: it re-converts the whole model")
+
+    def measured_module(self, quantized: nn.Module, name: str) -> str:
+        """Where in ``quantized`` layer ``name``'s output is measured (a layer a flow wrapped to
+        keep it float is measured inside the wrapper)."""
+        return name
+
+    def layer_type(self, quantized_layer: nn.Module) -> str:
+        """The layer's class name as the user knows it."""
+        return type(quantized_layer).__name__
+
+    def sweep(self, calibration: Calibration, compare, *, eval_fn=None, progress: bool = False,
+              callback=None, variants=()):
+        """Sensitivity by re-conversion, for flows with ``sensitivity_by == "re-conversion"``
+        (``compare(model)``: the output SQNR of a quantized model); returns a Sensitivity."""
+        raise ConfigError(f"flow {self.name!r} measures sensitivity by module swap")
+
+    # -- weight groups ---------------------------------------------------------------------------
+    def int4_groups(self, config, float_layer: nn.Module) -> tuple[bool, int | None]:
+        """(whether this flow quantized the layer with int4 groups of its own, the group size int4
+        has or would have here); see Session.weight_groups."""
+        return False, None
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` inside ``model``; return the module that was there."""
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, attr)
+    setattr(owner, attr, module)
+    return old
 
 
 def neutral_reference(observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
