@@ -57,7 +57,7 @@ from torch.ao.ns.fx.utils import compute_sqnr  # noqa: E402
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
 
 import qviz  # noqa: E402
-from qviz.flows.torch_ao.rebuild import plan_qconfig_mapping  # noqa: E402
+from qviz.flows.torch_ao.fx import plan_qconfig_mapping  # noqa: E402
 from qviz.models import resnet18  # noqa: E402
 
 TARGET_SPEEDUP = 10.0

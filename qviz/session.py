@@ -19,43 +19,31 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.ao.quantization.quantize_fx import prepare_fx
 
 from qviz import __version__
 from qviz.analysis.algorithms import METHODS, compare_algorithms
-from qviz.analysis.compare import (
-    Comparator,
-    find_layers,
-    model_output,
-    serialized_size,
-    weight_record,
-)
+from qviz.analysis.compare import Comparator, model_output, serialized_size, weight_record
 from qviz.analysis.diagnosis import Thresholds, diagnose
 from qviz.analysis.groups import DEFAULT_GROUP_SIZE, layer_groups
 from qviz.analysis.latency import median_latency_ms
 from qviz.analysis.outliers import collect as collect_outliers
 from qviz.analysis.outliers import outlier_frame
 from qviz.analysis.search import search, weight_bytes
-from qviz.analysis.sensitivity import VARIANTS, Sensitivity, sweep
+from qviz.analysis.sensitivity import (
+    DEFAULT_METRIC,
+    VARIANTS,
+    Sensitivity,
+    reconversion_sweep,
+    sweep,
+)
 from qviz.capture.probes import PointRecord, describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
-from qviz.flows import TORCH_AO_FLOWS, make_flow, quantized_engine
-from qviz.flows.base import call_model, positional, split_batch
+from qviz.flows.base import Calibration, call_model, quantized_engine, split_batch, swap_module
 from qviz.flows.failure import model_failure
-from qviz.flows.torch_ao.eager import detect_fusion_groups
-from qviz.flows.torch_ao.fx import FunctionalLayer, constant_value, observed_nodes
-from qviz.flows.torch_ao.rebuild import (
-    FloatLayer,
-    activation_qparams,
-    build_layer,
-    feeds_only_dequantize,
-    fix_qparams,
-    plan_qconfig_mapping,
-    same_activation,
-)
-from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
+from qviz.flows.registry import DEFAULT_FLOW, flow_class, flow_names, make_flow
+from qviz.flows.tracing import TRACE_LOCK
 from qviz.io.results import Results
-from qviz.plan import Plan, default_layer_config, to_qconfig
+from qviz.plan import Plan
 from qviz.progress import progress_bar
 from qviz.torch_warnings import quiet_torch
 
@@ -138,7 +126,7 @@ class Session:
         model: nn.Module,
         calib_data: Iterable,
         *,
-        flow: str = "fx",
+        flow: str = DEFAULT_FLOW,
         backend: str = "x86",
         example_inputs=None,
         eval_data: Iterable | None = None,
@@ -150,6 +138,7 @@ class Session:
         scheme: str | None = None,
         group_size: int | None = 32,
         quantizer=None,
+        flow_options: dict | None = None,
         progress: bool = True,
         cache_bytes: int = 512 * 2**20,
         latency: bool = False,
@@ -157,14 +146,11 @@ class Session:
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        options = {
-            "eager": {"qconfig": qconfig, "fuse": fuse},
-            "fx": {"qconfig_mapping": qconfig_mapping},
-            "dynamic": {"dtype": dynamic_dtype},
-            "pt2e": {"quantizer": quantizer},
-            "torchao": {"scheme": scheme, "group_size": 0 if group_size is None else group_size},
-        }
-        self.flow = make_flow(flow, backend, **options.get(flow, {}))
+        given = {"qconfig": qconfig, "qconfig_mapping": qconfig_mapping, "fuse": fuse,
+                 "dynamic_dtype": dynamic_dtype, "scheme": scheme, "group_size": group_size, "quantizer": quantizer}
+        taken = flow_class(flow).session_options  # the flow's share of the keywords above
+        self.flow = make_flow(flow, backend, **{taken[k]: v for k, v in given.items() if k in taken},
+                              **(flow_options or {}))
         self.backend = backend
         self._model = model
         self._calib = _batches(calib_data, "calib_data")
@@ -180,9 +166,6 @@ class Session:
             raise ConfigError("give either plan= or qconfig/qconfig_mapping, not both")
         self.plan = plan
         self.source = None  # the session file it was loaded from (see load())
-        self._user_qconfigs = qconfig if qconfig is not None else qconfig_mapping
-        if quantizer is not None:  # a PT2E quantizer of the user's: qviz does not own the configs
-            self._user_qconfigs = quantizer
         self.progress = progress
         self.cache_bytes = cache_bytes
         self.latency = latency
@@ -192,8 +175,9 @@ class Session:
     # -- running -------------------------------------------------------------------------------
     def run(self) -> Session:
         """Prepare, calibrate with capture, convert and compare; returns ``self``."""
-        with quiet_torch(say_deprecation=self.flow.name in TORCH_AO_FLOWS), quantized_engine(self.backend):
-            self._configure_from_plan()
+        with quiet_torch(say_deprecation=self.flow.deprecated), quantized_engine(self.backend):
+            if self.plan is not None:  # a plan given to the constructor drives the first conversion
+                self.flow.use_plan(self.plan)
             observed = self.flow.prepare(self._model, self._example)
             points = self.flow.quant_points(observed)
             reference = self.flow.reference(observed, points)
@@ -209,11 +193,11 @@ class Session:
             self._name_percentiles(points, records)
             self._initial = {name: dict(r.arrays) for name, r in records.items()}
             quantized = self.flow.convert(observed)
-            layers, left_float = getattr(self.flow, "find_layers", find_layers)(quantized, reference)
+            layers, left_float = self.flow.find_layers(quantized, reference)
             if not layers and not left_float:
                 raise ConfigError(
                     f"no layer of this model was quantized by flow={self.flow.name!r}: qviz measures "
-                    f"layers with weights, and this flow quantizes {_QUANTIZES.get(self.flow.name, 'no type it knows here')}."
+                    f"layers with weights, and this flow quantizes {self.flow.quantizes}."
                     " Is the model made of such modules (not functional calls on tensors of its own)?"
                 )
             self._reference, self._quantized, self._records = reference, quantized, records
@@ -257,41 +241,20 @@ class Session:
             if p.role == "output" and config is not None and config.activation == "percentile":
                 records[p.name].info["observer"] = percentile_name(config)
 
-    def _configure_from_plan(self) -> None:
-        """A plan given to the constructor drives the first conversion (FX and eager)."""
-        if self.plan is not None and hasattr(self.flow, "use_plan"):
-            self.flow.use_plan(self.plan)
-        if self.plan is None or self.flow.name not in ("fx", "eager"):
-            return
-        if self.flow.name == "fx":
-            self.flow.qconfig_mapping = plan_qconfig_mapping(self.plan)
-        else:
-            self.flow.module_qconfigs = {
-                n: to_qconfig(c, self.backend) for n, c in self.plan.items() if c.dtype != "float"
-            }
-
     def _init_plan(self) -> None:
         """The plan in force: the given one (float layers applied now), or the backend default."""
-        self._owns_qconfigs = self._user_qconfigs is None and not self._handed_over()
-        if self.plan is None and hasattr(self.flow, "default_plan"):
-            self.plan = self._run_plan = self.flow.default_plan(self._layers, self._left_float)
-            return
+        self._owns_qconfigs = self.flow.owns_configs
         if self.plan is None:
-            groups = tuple(g for g in detect_fusion_groups(self._model, warn=False) if g[0] in self._layers)
-            self.plan = Plan.default(self._layers, self.backend, groups)
-            self._run_plan = self.plan
+            self.plan = self._run_plan = self.flow.default_plan(self._model, self._layers, self._left_float)
             return
         missing = [n for n in self._layers if n not in self.plan]
         if missing:
             raise ConfigError(f"the plan has no config for layers {missing}: was it made for another model?")
         float_now = {n: c for n, c in self.plan.items() if c.dtype == "float" and n not in self._left_float}
         self._run_plan = self.plan.with_changes({n: {"dtype": "int8"} for n in float_now})
-        if float_now and self.flow.name == "eager":  # eager needs stubs: wrap the layers now
+        if float_now and not self.flow.converts_float_layers:  # they ran quantized: apply them now
             target, self.plan = self.plan, self._run_plan
             self._apply_plan(target, [*self._history, self.plan])
-
-    def _handed_over(self) -> bool:
-        return getattr(self.flow, "handed_over", False)
 
     def _build_results(self) -> Results:
         summary = dict(self._model_figures)
@@ -309,7 +272,7 @@ class Session:
                         or (self.plan is not None and n in self.plan and self.plan[n].dtype == "float")]
         results = Results.build(
             meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__,
-                  "qviz": __version__, **getattr(self.flow, "meta", {})},
+                  "qviz": __version__, **self.flow.meta},
             records=self._records, per_layer=self._per_layer,
             weights={n: w for n, w in self._weights.items() if n not in float_layers},
             order=self._comparator.order, left_float=float_layers, summary=summary,
@@ -334,16 +297,11 @@ class Session:
         """The layer's class as the user knows it: the converted module's, the wrapped one's for
         a layer left float by apply(), the float model's where FX kept a traced-through module
         (timm's BatchNormAct2d, ...) as a plain nn.Module container."""
-        module = self._quantized.get_submodule(name)
-        module = module.module if isinstance(module, FloatLayer) else module
-        if hasattr(module, "layer_type"):  # PT2E taps name their layer's type themselves
-            return module.layer_type
-        if type(module) is nn.Module:
-            try:
-                module = self._model.get_submodule(name)
-            except AttributeError:
-                pass
-        return type(module).__name__
+        try:
+            float_layer = self._model.get_submodule(name)
+        except AttributeError:  # a functional op, a layer a flow made (fused, traced)
+            float_layer = None
+        return self.flow.layer_type(self._quantized.get_submodule(name), float_layer)
 
     # -- what-if -------------------------------------------------------------------------------
     @property
@@ -360,8 +318,8 @@ class Session:
     @property
     def can_apply(self) -> bool:
         """True when this session holds models and owns the qconfigs, so apply() can work."""
-        return (self.results is not None and self._model is not None and (self.flow.name in ("fx", "eager")
-                or hasattr(self.flow, "rebuild") or hasattr(self.flow, "reconvert")) and self._owns_qconfigs)
+        return (self.results is not None and self._model is not None and self.flow.can_edit
+                and self._owns_qconfigs)
 
     def apply(self, changes) -> Session:
         """Change some layers' configs (a Plan, or {layer: {field: value}}) and re-convert live.
@@ -390,10 +348,11 @@ class Session:
             return "this session has not run yet: call session.run() first"
         if self._model is None:
             return "a session loaded from a file holds results only: re-create it from the model to apply plans"
-        if not (self.flow.name in ("fx", "eager") or hasattr(self.flow, "rebuild") or hasattr(self.flow, "reconvert")):
-            return f"apply() works with flow='fx', 'eager', 'dynamic', 'pt2e' or 'torchao', not {self.flow.name!r}"
+        if not self.flow.can_edit:
+            editing = [n for n in flow_names() if flow_class(n).can_edit]
+            return f"flow {self.flow.name!r} cannot re-convert layers live: apply() works with flow {', '.join(map(repr, editing))}"
         return ("apply() needs qviz to own the qconfigs: pass plan=... (see qviz.Plan) instead of "
-                "qconfig/qconfig_mapping, and give the float model rather than a prepared one")
+                "your own qconfig, qconfig_mapping or quantizer, and give the float model rather than a prepared one")
 
     def _apply_plan(self, target: Plan, history: list[Plan]) -> None:
         """Re-convert to ``target`` as one transaction, ``history`` the undo list after it.
@@ -407,28 +366,13 @@ class Session:
         changed = self.plan.diff(target)
         if not changed:
             return
-        modules = {n: self._reference.get_submodule(n) for n in changed}
-        self._check_plan(target, modules)
-        # FX decides where quantize/dequantize go around float layers: let it convert again
-        structural = self.flow.name == "fx" and any(  # functional layers: FX re-converts them
-            (target[n].dtype == "float") != (self.plan[n].dtype == "float")
-            or isinstance(modules[n], FunctionalLayer) for n in changed
-        )
-        swapped, quantized = {}, self._quantized  # layer -> the module that was there
+        self.flow.check_plan(target, {n: self._reference.get_submodule(n) for n in changed})
+        reconversion = self.flow.reconvert(target, changed, self._calibration())
+        quantized = reconversion.quantized
         try:
-            if hasattr(self.flow, "reconvert"):  # PT2E: prepare/convert again, qparams from the records
-                quantized = self.flow.reconvert(target, self._records, self._initial, self._calib)
-            elif structural:
-                quantized = self._reconvert_fx(target)
-            else:
-                built = {n: self._rebuild(n, target[n]) for n in changed}
-                for n, m in built.items():
-                    swapped[n] = quantized.get_submodule(n)  # noted before the swap, so undone after
-                    _swap(quantized, n, m)
             first = min(self._comparator.order.index(n) for n in changed)
-            per_layer, figures = self._comparator.compare(
-                quantized, self._comparator.order[first:], hook_names=_float_layer_hooks(quantized, self._layers)
-            )
+            hooks = {n: m for n in self._layers if (m := self.flow.measured_module(quantized, n)) != n}
+            per_layer, figures = self._comparator.compare(quantized, self._comparator.order[first:], hook_names=hooks)
             weights, records = dict(self._weights), dict(self._records)
             for n in changed:
                 if target[n].dtype != "float":
@@ -437,8 +381,7 @@ class Session:
                     record = self._output_record(n)
                     if record is not None and hasattr(module, "scale"):
                         records[record.name] = _output_record_for(record, module, target[n])
-            still_float = (set(self.flow.find_layers(quantized, self._reference)[1])
-                           if hasattr(self.flow, "find_layers") else set())
+            still_float = set(self.flow.find_layers(quantized, self._reference)[1])
             new = {
                 "_quantized": quantized, "_weights": weights, "_records": records,
                 "_per_layer": {**self._per_layer, **per_layer}, "_model_figures": figures,
@@ -450,18 +393,19 @@ class Session:
             staged.__dict__.update(new)
             new["results"] = staged._build_results()
         except BaseException:
-            for n, m in swapped.items():
-                _swap(quantized, n, m)
+            for n, m in reconversion.swapped.items():
+                swap_module(quantized, n, m)
             raise
         self.__dict__.update(new)  # the commit: one step, nothing after it can fail
 
-    def _check_plan(self, target: Plan, modules: dict) -> None:
-        """Raise the ConfigError apply() gives when the flow or backend cannot run ``target``
-        on ``modules``."""
-        if hasattr(self.flow, "check_plan"):
-            self.flow.check_plan(target, modules)
-        else:
-            target.check(modules)
+    def _calibration(self) -> Calibration:
+        """What the flow needs to re-convert without calibrating again (the session's own dicts)."""
+        return Calibration(
+            model=self._model, reference=self._reference, quantized=self._quantized, plan=self.plan,
+            run_plan=self._run_plan, records=self._records, initial=self._initial, calib=self._calib,
+            example=self._example, backend=self.backend,
+            run_batch=lambda model, batch, i: run_batch(model, batch, "calib_data", i, self._calib[0]),
+        )
 
     def choices(self, layer: str, field: str, values) -> tuple:
         """Those of ``values`` for ``layer``'s ``field`` that apply() would accept now, checked
@@ -470,102 +414,14 @@ class Session:
         accepted = []
         for value in values:
             try:
-                self._check_plan(self.plan.with_changes({layer: {field: value}}), modules)
+                self.flow.check_plan(self.plan.with_changes({layer: {field: value}}), modules)
             except QvizError:
                 continue
             accepted.append(value)
         return tuple(accepted)
 
-    @one_trace_at_a_time
-    def _reconvert_fx(self, target: Plan) -> torch.nn.Module:
-        """prepare_fx under ``target`` and convert, qparams set without calibration data where
-        possible. A point observing a value computed from parameters alone (a functional layer's
-        weight, a layer-scale parameter) observes it now; the others are matched with
-        calibration's by the node they observe (stable across prepares of one model) and get
-        qparams from the statistics recorded there. Points new to this graph (a layer that was
-        float at calibration makes FX observe its input, say) are calibrated in one pass over
-        calib_data, with a warning naming them in the user's terms."""
-        observed = prepare_fx(copy.deepcopy(self._model).eval(), self.flow.plan_mapping(target),
-                              positional(self._model, self._example))
-        recorded = {}
-        for point, node in self._reference.meta.get("qviz_observed_nodes", {}).items():
-            record = self._records.get(point)
-            if record is not None and record.role in ("output", "input"):
-                recorded.setdefault(node, record)
-        points = {p.name: p for p in self.flow.quant_points(observed)}
-        default = default_layer_config(self.backend)
-        new = []
-        for node in observed.graph.nodes:
-            p = points.get(node.target) if node.op == "call_module" else None
-            if p is None:
-                continue
-            source = node.args[0]
-            try:
-                constant = constant_value(observed, source)
-            except LookupError:
-                constant = None  # data flows into it
-            if isinstance(constant, torch.Tensor):  # a weight or other parameter-only value
-                p.module(constant)
-                continue
-            record = recorded.get(source.name)
-            if record is None:
-                new.append(p)
-                continue
-            config = target.get(p.layer) if p.layer in target else default
-            config = default if config.dtype == "float" else config
-            run_config = self._run_plan.get(p.layer) if p.layer in self._run_plan else default
-            initial = self._initial.get(record.name, {})
-            if "scale" in initial and same_activation(config, run_config) and (
-                type(p.module).__name__ == record.info.get("observer")
-            ):
-                scale, zero_point = float(initial["scale"][0]), int(initial["zero_point"][0])
-            else:
-                scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
-            fix_qparams(p.module, scale, zero_point)
-        if new:
-            self._calibrate_new_points(observed, new)
-        return self.flow.convert(observed)
-
-    def _calibrate_new_points(self, observed, new: list) -> None:
-        """One pass over calib_data for points that calibration did not have; their records
-        join the session's (named '<point>@<observed node>'), so later re-conversions reuse them."""
-        observes = observed_nodes(observed)
-        with probing(new) as records, torch.no_grad():
-            for i, args in enumerate(self._calib):
-                run_batch(observed, args, "calib_data", i, self._calib[0])
-        known = self._reference.meta.setdefault("qviz_observed_nodes", {})
-        for p in new:
-            record = describe(records[p.name], p.module)
-            record.name = f"{p.name}@{observes[p.name]}"
-            self._records[record.name] = record
-            self._initial[record.name] = dict(record.arrays)
-            known[record.name] = observes[p.name]
-        warnings.warn(  # no "quantiz"/"observer" in the text: quiet_torch() would hide it
-            f"under the new plan, {len(new)} value(s) that calibration did not see need qparams "
-            f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): qviz "
-            "ran one pass over calib_data for them",
-            stacklevel=5,
-        )
-
     def _output_record(self, layer: str) -> PointRecord | None:
         return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)
-
-    def _rebuild(self, layer: str, config) -> torch.nn.Module:
-        if hasattr(self.flow, "rebuild"):  # module-swapping flows (torchao) rebuild the layer themselves
-            return self.flow.rebuild(self._reference.get_submodule(layer), config)
-        record = self._output_record(layer)
-        run_config = self._run_plan[layer]
-        if config.dtype == "float":
-            if feeds_only_dequantize(self._quantized, layer) or record is None:
-                return build_layer(self._reference.get_submodule(layer), config, self.backend, None)
-            qparams = (float(self._initial[record.name]["scale"][0]), int(self._initial[record.name]["zero_point"][0]), torch.quint8)
-        elif record is not None and same_activation(config, run_config) and "scale" in self._initial.get(record.name, {}):
-            qparams = (float(self._initial[record.name]["scale"][0]), int(self._initial[record.name]["zero_point"][0]), torch.quint8)
-        elif record is not None:
-            qparams = activation_qparams(record.stats, config, self.backend)
-        else:
-            raise ConfigError(f"layer {layer!r} has no recorded output statistics to rebuild it from")
-        return build_layer(self._reference.get_submodule(layer), config, self.backend, qparams)
 
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
                ladder=None, callback=None):
@@ -576,7 +432,7 @@ class Session:
         if not self.can_apply:
             raise ConfigError(self._why_no_apply())
         history, sweep = list(self._history), self.results.sensitivity
-        ladder = ladder or getattr(self.flow, "ladder", ("int4", "int8", "float"))
+        ladder = ladder or self.flow.ladder
         try:
             return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder,
                           callback=callback)
@@ -642,19 +498,33 @@ class Session:
                 )
             return Sensitivity.from_frame(stored)
         table = results.table
-        if hasattr(self.flow, "sensitivity"):  # PT2E graphs have no layer modules to swap
-            found = self.flow.sensitivity(self, eval_fn=eval_fn, progress=self.progress if progress is None else progress,
-                                          callback=callback, variants=variants)
+        progress = self.progress if progress is None else progress
+        if self.flow.sensitivity_by == "re-conversion":
+            found = self._reconversion_sweep(table, eval_fn, progress, callback, variants)
             results.sensitivity = found.to_dataframe()
             return found
         found = sweep(self._reference, self._quantized, self._eval, list(table.index),
                       float_layers=list(table.index[~table["quantized"].astype(bool)]),
                       backend=self.backend, eval_fn=eval_fn, executor=executor,
-                      progress=self.progress if progress is None else progress,
-                      cache_bytes=self.cache_bytes, callback=callback, variants=variants,
+                      progress=progress, cache_bytes=self.cache_bytes, callback=callback, variants=variants,
                       output_fn=self.output_fn)
         results.sensitivity = found.to_dataframe()
         return found
+
+    def _reconversion_sweep(self, table, eval_fn, progress, callback, variants) -> Sensitivity:
+        """Sensitivity for a flow that re-converts the whole model per variant (see
+        :func:`qviz.analysis.sensitivity.reconversion_sweep`)."""
+        calibration = self._calibration()
+
+        def measure(model) -> float:
+            return float(eval_fn(model)) if eval_fn is not None else self._comparator.compare(model, [])[1]["output_sqnr"]
+
+        return reconversion_sweep(
+            self.plan, table, lambda target: self.flow.reconvert(target, list(target), calibration).quantized, measure,
+            float_metric=math.inf if eval_fn is None else float(eval_fn(self._reference)),
+            current=self.summary()["output_sqnr"] if eval_fn is None else float(eval_fn(self._quantized)),
+            metric=DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn"),
+            by_sqnr=eval_fn is None, progress=progress, callback=callback, variants=variants)
 
     def diagnose(self, thresholds: Thresholds | None = None) -> pd.DataFrame:
         """Findings per layer with evidence and a fix (see :mod:`qviz.analysis.diagnosis`),
@@ -783,13 +653,10 @@ class Session:
                               "nn.Linear modules") from None
         config = self.plan.get(layer) if self.plan is not None else None
         own = config.group_size if config is not None else None
-        if self.flow.name == "torchao":  # what int4 is (or would be) here: the layer's, the flow's, per channel
-            default = own or self.flow.group_size or getattr(float_layer, "in_features", None)
-        else:
-            default = own or DEFAULT_GROUP_SIZE
-        torchao_int4 = self.flow.name == "torchao" and config is not None and config.dtype == "int4"
-        return layer_groups(layer, float_layer, self._quantized.get_submodule(layer) if torchao_int4 else None,
-                            group_size, default, config.weight_symmetric if config is not None else True)
+        holds_groups, flow_size = self.flow.int4_groups(config, float_layer)  # the flow's own int4 groups
+        return layer_groups(layer, float_layer, self._quantized.get_submodule(layer) if holds_groups else None,
+                            group_size, flow_size or own or DEFAULT_GROUP_SIZE,
+                            config.weight_symmetric if config is not None else True)
     def algorithms(self, layers=None, methods=METHODS, dtype: str = "int4", group_size: int | None = 32,
                    alpha: float = 0.5, model_sqnr: bool = True) -> pd.DataFrame:
         """RTN vs SmoothQuant (migration strength ``alpha``) vs AWQ vs GPTQ vs HQQ on each of
@@ -845,21 +712,6 @@ class Session:
         return session
 
 
-_QUANTIZES = {  # what each built-in flow quantizes, for the message of a model with none of it
-    "fx": "nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
-          "and functional linear/conv on the model's parameters",
-    "eager": "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub",
-    "dynamic": "nn.Linear and nn.LSTM",
-    "pt2e": "linear and conv ops (X86InductorQuantizer's default config)",
-    "torchao": "nn.Linear",
-}
-
-
-def _float_layer_hooks(quantized: nn.Module, layers: list[str]) -> dict[str, str]:
-    """Measure a float layer inside its wrapper, before its output is quantized again."""
-    return {n: f"{n}.module" for n in layers if isinstance(quantized.get_submodule(n), FloatLayer)}
-
-
 def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointRecord:
     """A copy of a layer's output record with the qparams and observer of its rebuilt module."""
     observer = percentile_name(config) if config.activation == "percentile" else config.activation
@@ -874,15 +726,6 @@ def _output_record_for(record: PointRecord, module: nn.Module, config) -> PointR
 
 def percentile_name(config) -> str:
     return f"percentile({config.percentile:g})"
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``name`` inside ``model``; return the module that was there."""
-    parent, _, attr = name.rpartition(".")
-    owner = model.get_submodule(parent)
-    old = getattr(owner, attr)
-    setattr(owner, attr, module)
-    return old
 
 
 def load(path, *, max_bytes: int | None = None) -> Session:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
 import qviz
-from qviz.flows import quantized_engine
+from qviz.flows.base import quantized_engine
 from qviz.flows.torch_ao.eager import unsupported_op_advice
 from tests.helpers import assert_unchanged, model_snapshot
 

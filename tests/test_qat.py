@@ -19,7 +19,7 @@ from qviz.analysis.qat_detectors import Thresholds
 from qviz.capture.qat import QvizCallback, Recorder, Timeline, combine
 from qviz.demo import calibration_batches, load_demo_model, load_digits_split
 from qviz.errors import ConfigError, QvizError
-from qviz.flows.base import is_fake_quant
+from qviz.flows.layers import is_fake_quant
 from tests.helpers import model_snapshot
 
 pytestmark = pytest.mark.filterwarnings(

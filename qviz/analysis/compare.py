@@ -21,16 +21,15 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
-from torch.ao.nn.intrinsic import _FusedModule
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qviz.analysis.metrics import ErrorAccumulator, sqnr
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import call_model, is_quant_point
+from qviz.flows.base import call_model
+from qviz.flows.layers import is_torchao_weight
 from qviz.flows.torchao.formats import block_scales, format_of
 from qviz.flows.tracing import TRACE_LOCK
 
-_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 _OUTPUT_KEYS = ("logits", "last_hidden_state")
 
 
@@ -109,11 +108,6 @@ def _dequantized(t):
     return t
 
 
-def is_torchao_weight(t) -> bool:
-    """A torchao quantized tensor subclass (Int8Tensor, IntxUnpackedToInt8Tensor, ...)."""
-    return isinstance(t, torch.Tensor) and hasattr(type(t), "tensor_data_names") and hasattr(t, "qdata")
-
-
 def _float(t):
     if not isinstance(t, torch.Tensor):
         return t
@@ -122,12 +116,6 @@ def _float(t):
     if t.is_quantized:
         return t.dequantize()
     return t.float() if t.is_floating_point() else t  # token ids and masks stay integer
-
-
-def is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(_QUANTIZED_PACKAGES) or is_torchao_weight(
-        getattr(module, "weight", None)
-    )
 
 
 def _torchao_weight_info(qw) -> dict:
@@ -154,35 +142,6 @@ def _torchao_weight_info(qw) -> dict:
         "weight_zero_point": (torch.zeros(1) if zp is None else zp).detach().double().reshape(-1).numpy(),
         "activation_mode": "dynamic" if dynamic else "weight-only",
     }
-
-
-def _has_weight(module: nn.Module) -> bool:
-    return hasattr(module, "weight") or hasattr(module, "get_weight")
-
-
-def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
-    """(quantized layers with weights, weighted layers left float), by module name.
-
-    A layer is left float when it still has float weights in the quantized model (a type the
-    backend cannot quantize, or a qconfig of None).
-    """
-    ref_names = dict(reference.named_modules())
-    quantized_layers, left_float, fused_float = [], [], set()
-    for name, module in quantized.named_modules():
-        if not name or name not in ref_names or is_quant_point(module):
-            continue
-        if name.rpartition(".")[0] in fused_float:
-            continue  # the conv inside a fused ConvReLU2d left float: the group is the layer
-        if is_quantized_module(module):
-            if _has_weight(module):
-                quantized_layers.append(name)
-        elif isinstance(module, _FusedModule) or any(
-            p.is_floating_point() for p in module.parameters(recurse=False)
-        ):
-            left_float.append(name)
-            if isinstance(module, _FusedModule):
-                fused_float.add(name)
-    return quantized_layers, left_float
 
 
 def float_weights(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -51,8 +51,7 @@ from tqdm.auto import tqdm
 from qviz.analysis.compare import _float, choose_output, model_output, quantized_weights
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.errors import ConfigError, QvizError, SweepError
-from qviz.flows import quantized_engine
-from qviz.flows.base import call_model, positional
+from qviz.flows.base import call_model, positional, quantized_engine
 from qviz.flows.torch_ao.rebuild import FloatLayer, feeds_only_dequantize
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.torch_warnings import quiet_torch
@@ -733,3 +732,27 @@ def ranked(rows: dict, layers: list[str], metric: str, float_metric: float, *, b
                       f"{', '.join(nonfinite)} ({metric} came out NaN with the layer quantized alone: "
                       "non-finite outputs, or eval_fn returned NaN)", stacklevel=3)
     return Sensitivity(metric, frame, failed=dict(failed), nonfinite=nonfinite)
+
+
+def reconversion_sweep(plan, table: pd.DataFrame, build: Callable, measure: Callable, *, float_metric: float,
+                       current: float, metric: str, by_sqnr: bool, progress: bool = False, callback=None,
+                       variants=VARIANTS) -> Sensitivity:
+    """Per-layer sensitivity by real re-conversion, for flows whose converted model has no layer
+    modules to swap (a graph): ``build(target_plan)`` converts the whole model under a plan,
+    ``measure(model)`` is the metric. ``quantize_only`` is the plan with every other layer float,
+    ``skip_only`` the plan with this layer float; ``weight_only`` / ``activation_only`` are NaN
+    (no module to swap for a weight- or output-only variant). ``table``: the session's layer
+    table (its ``quantized`` column), ``current``: the metric of the plan in force."""
+    everything_float = {n: {"dtype": "float"} for n in plan}
+    layers, rows = list(table.index), {}
+    for n in tqdm(layers, desc="qviz: sensitivity", unit="layer", leave=False, disable=not progress):
+        rows[n] = dict.fromkeys(VARIANTS, math.nan)
+        if not table.loc[n, "quantized"]:  # already float: quantizing it alone changes nothing
+            rows[n].update(quantize_only=float_metric, skip_only=current)
+        else:
+            rows[n]["quantize_only"] = measure(build(plan.with_changes({**everything_float, n: {"dtype": plan[n].dtype}})))
+            if "skip_only" in variants:
+                rows[n]["skip_only"] = measure(build(plan.with_changes({n: {"dtype": "float"}})))
+        if callback is not None:
+            callback(len(rows), len(layers))
+    return ranked(rows, layers, metric, float_metric, by_sqnr=by_sqnr)

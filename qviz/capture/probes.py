@@ -20,7 +20,8 @@ from torch import nn
 
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ModelError
-from qviz.flows.base import QuantPoint, is_fake_quant
+from qviz.flows.base import QuantPoint
+from qviz.flows.layers import is_fake_quant
 
 
 @dataclass

@@ -46,7 +46,8 @@ from torch import nn
 from qviz.analysis.metrics import ErrorAccumulator
 from qviz.capture.histogram import StreamingHistogram
 from qviz.errors import ConfigError, QvizError
-from qviz.flows.base import BACKENDS, QuantPoint, call_model, is_fake_quant, positional
+from qviz.flows.base import BACKENDS, QuantPoint, call_model, positional
+from qviz.flows.layers import is_fake_quant
 from qviz.flows.torch_ao.eager import EagerFlow
 from qviz.flows.torch_ao.fx import FxFlow, is_fx_prepared
 from qviz.flows.torchao.flow import fake_quantizer_range, is_torchao_fake_quantizer

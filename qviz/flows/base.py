@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qviz.errors import ConfigError
+from qviz.flows.layers import find_layers, is_fake_quant
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
@@ -47,18 +48,6 @@ class QuantPoint:
     role: str
     origin: str = ""  # where it sits in the user's code, for error messages (FX: op, module, line)
     leave_float: str = ""  # the QConfigMapping call that leaves its op float (FX)
-
-
-def is_quant_point(module: nn.Module) -> bool:
-    """Observers and fake-quants of torch.ao and torchao alike, recognised by what they carry."""
-    if not hasattr(module, "calculate_qparams"):
-        return False
-    carried = ("min_val", "scale", "activation_post_process", "histogram")
-    return any(hasattr(module, attr) for attr in carried)
-
-
-def is_fake_quant(module: nn.Module) -> bool:
-    return hasattr(module, "fake_quant_enabled") and hasattr(module, "observer_enabled")
 
 
 @dataclass
@@ -116,7 +105,9 @@ class Flow(abc.ABC):
     ladder: ClassVar[tuple[str, ...]] = ("int4", "int8", "float")
     #: whether :meth:`reconvert` can edit layers live (Session.apply, the editor, search)
     can_edit: ClassVar[bool] = True
-    #: "module swap" (qviz swaps one layer at a time) or "re-conversion" (:meth:`sweep`)
+    #: how a sensitivity sweep builds each variant: "module swap" (one layer's module swapped
+    #: between the float and quantized models) or "re-conversion" (:meth:`reconvert` per variant,
+    #: for flows whose converted model has no layer modules, such as graphs)
     sensitivity_by: ClassVar[str] = "module swap"
     #: whether the first conversion can leave a plan's float layers float by itself; if not,
     #: the session runs them quantized and applies the float layers right after
@@ -147,8 +138,6 @@ class Flow(abc.ABC):
 
     def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
         """(quantized layers, layers with weights left float), in execution order."""
-        from qviz.analysis.compare import find_layers
-
         return find_layers(quantized, reference)
 
     @property
@@ -207,15 +196,16 @@ class Flow(abc.ABC):
         keep it float is measured inside the wrapper)."""
         return name
 
-    def layer_type(self, quantized_layer: nn.Module) -> str:
-        """The layer's class name as the user knows it."""
+    def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
+        """The layer's class name as the user knows it: what a module a flow made for it declares
+        (``layer_type``: "F.linear", a graph tap's module class), the float model's where the
+        converted model holds a bare ``nn.Module`` (FX traced through the user's layer)."""
+        declared = getattr(quantized_layer, "layer_type", None)
+        if isinstance(declared, str):
+            return declared
+        if type(quantized_layer) is nn.Module and float_layer is not None:
+            return type(float_layer).__name__
         return type(quantized_layer).__name__
-
-    def sweep(self, calibration: Calibration, compare, *, eval_fn=None, progress: bool = False,
-              callback=None, variants=()):
-        """Sensitivity by re-conversion, for flows with ``sensitivity_by == "re-conversion"``
-        (``compare(model)``: the output SQNR of a quantized model); returns a Sensitivity."""
-        raise ConfigError(f"flow {self.name!r} measures sensitivity by module swap")
 
     # -- weight groups ---------------------------------------------------------------------------
     def int4_groups(self, config, float_layer: nn.Module) -> tuple[bool, int | None]:

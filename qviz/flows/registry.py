@@ -10,6 +10,7 @@ CLI and the dashboard's editor read names and options from here, never a list of
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 from importlib import metadata
 
@@ -17,6 +18,7 @@ from qviz.errors import ConfigError
 from qviz.flows.base import Flow
 
 ENTRY_POINT_GROUP = "qviz.flows"
+DEFAULT_FLOW = "fx"  # Session(flow=...) and the CLI without one
 
 _BUILTIN = {
     "fx": "qviz.flows.torch_ao.fx:FxFlow",
@@ -70,14 +72,16 @@ def flow_class(name: str) -> type:
 
 
 def make_flow(name: str, backend: str, **options):
-    """The flow called ``name`` for ``backend``, configured with the ``options`` it declares
-    (see :attr:`qviz.flows.base.Flow.options`); None values mean "the flow's default"."""
+    """The flow called ``name`` for ``backend``, configured with ``options``: keyword arguments of
+    its constructor (an unknown one is refused, naming those it has)."""
     cls = flow_class(name)
-    unknown = sorted(set(options) - set(cls.options))
+    accepted = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(f"flow {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
-                          f"{', '.join(map(repr, cls.options)) or 'none'}")
-    return cls(backend, **{k: v for k, v in options.items() if v is not None})
+                          f"{', '.join(map(repr, accepted)) or 'none'}")
+    return cls(backend, **options)
 
 
 def _read_entry_points() -> None:

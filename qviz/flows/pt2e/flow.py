@@ -28,7 +28,6 @@ import copy
 import functools
 import inspect
 import json
-import math
 import traceback
 
 import torch
@@ -37,13 +36,16 @@ from torch import nn
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
+    Calibration,
+    Flow,
     QuantPoint,
+    Reconversion,
     call_model,
     check_backend,
-    is_quant_point,
     neutral_reference,
     split_batch,
 )
+from qviz.flows.layers import is_quant_point
 from qviz.flows.torch_ao.rebuild import activation_qparams, fix_qparams
 from qviz.flows.torchao.flow import quiet_torchao
 from qviz.flows.tracing import one_trace_at_a_time
@@ -533,11 +535,13 @@ def _insert_taps(
     return gm
 
 
-class Pt2eFlow:
+class Pt2eFlow(Flow):
     """``flow="pt2e"``: export, prepare_pt2e under a quantizer, calibrate, convert_pt2e."""
 
     name = "pt2e"
-    needs_calibration = True
+    quantizes = "linear and conv ops (X86InductorQuantizer's default config)"
+    session_options = {"quantizer": "quantizer"}
+    sensitivity_by = "re-conversion"  # a graph has no layer modules to swap
     ladder = ("int8", "float")  # what X86InductorQuantizer runs: the mixed-precision search's rungs
     editable = {"dtype": ("int8", "float"), "reduce_range": None}  # plan fields it honours (see check_plan)
 
@@ -565,7 +569,11 @@ class Pt2eFlow:
             }
         )
 
-    def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
+    @property
+    def owns_configs(self) -> bool:
+        return self.quantizer is None
+
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
         """What X86InductorQuantizer's default config does: int8, per-channel symmetric weights,
         histogram activations, full 8-bit range. The ops of one module ("fc", "fc#1") form one
         plan group: the quantizer configures them together, by module name (int8 when it
@@ -582,9 +590,6 @@ class Pt2eFlow:
             },
             groups,
         )
-
-    def use_plan(self, plan: Plan) -> None:
-        self.plan = plan
 
     def check_plan(self, plan: Plan, modules: dict) -> None:
         """Refuse what the default X86InductorQuantizer cannot express per module name."""
@@ -694,8 +699,11 @@ class Pt2eFlow:
         done = [n for n in layers if getattr(quantized.get_submodule(n), "quantized", False)]
         return done, [n for n in layers if n not in done]
 
+    def reconvert(self, target, changed: list[str], calibration: Calibration) -> Reconversion:
+        return Reconversion(self._reconvert(target, calibration.records, calibration.initial, calibration.calib))
+
     @one_trace_at_a_time
-    def reconvert(self, plan, records: dict, initial: dict, calib: list | None = None) -> nn.Module:
+    def _reconvert(self, plan, records: dict, initial: dict, calib: list) -> nn.Module:
         """prepare_pt2e under ``plan`` and convert_pt2e without calibrating again where possible.
 
         An observer watching the same nodes as one at calibration gets that observer's qparams
@@ -744,42 +752,6 @@ class Pt2eFlow:
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(observed)
         return _insert_taps(quantized, self.groups, reference=False, notes=notes)
-
-    def sensitivity(self, session, *, eval_fn=None, progress: bool = False, callback=None,
-                    variants=("quantize_only", "skip_only")):
-        """Per-layer sensitivity by real re-conversion (:meth:`reconvert`, recorded qparams):
-        ``quantize_only`` is the plan with every other layer float, ``skip_only`` the session's plan
-        with this layer float. ``weight_only`` / ``activation_only`` are NaN: a PT2E graph has no
-        layer module to swap for a weight- or output-only variant."""
-        from tqdm.auto import tqdm
-
-        from qviz.analysis.sensitivity import DEFAULT_METRIC, VARIANTS, ranked
-
-        metric_name = DEFAULT_METRIC if eval_fn is None else getattr(eval_fn, "__name__", "eval_fn")
-        plan, table = session.plan, session.to_dataframe()
-
-        def metric(target) -> float:
-            model = self.reconvert(target, session._records, session._initial, session._calib)
-            if eval_fn is not None:
-                return float(eval_fn(model))
-            return session._comparator.compare(model, [])[1]["output_sqnr"]
-
-        float_metric = math.inf if eval_fn is None else float(eval_fn(session.float_model()))
-        current = session.summary()["output_sqnr"] if eval_fn is None else float(eval_fn(session.quantized_model()))
-        everything_float = {n: {"dtype": "float"} for n in plan}
-        layers, rows = list(table.index), {}
-        for n in tqdm(layers, desc="qviz: sensitivity", unit="layer", leave=False, disable=not progress):
-            rows[n] = dict.fromkeys(VARIANTS, math.nan)
-            if not table.loc[n, "quantized"]:  # already float: quantizing it alone changes nothing
-                rows[n].update(quantize_only=float_metric, skip_only=current)
-            else:
-                rows[n]["quantize_only"] = metric(
-                    plan.with_changes({**everything_float, n: {"dtype": plan[n].dtype}}))
-                if "skip_only" in variants:
-                    rows[n]["skip_only"] = metric(plan.with_changes({n: {"dtype": "float"}}))
-            if callback is not None:
-                callback(len(rows), len(layers))
-        return ranked(rows, layers, metric_name, float_metric, by_sqnr=eval_fn is None)
 
 
 def is_pt2e_prepared(model: nn.Module) -> bool:

@@ -21,23 +21,28 @@ from torch.ao import quantization as tq
 from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
+from qviz.flows.base import Calibration, Flow, QuantPoint, check_backend, copy_sharing_parameters
 from qviz.plan import LayerConfig, Plan, to_qconfig
 
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
 _DTYPES = {"int8": torch.qint8, "fp16": torch.float16}
 
 
-class DynamicFlow:
+class DynamicFlow(Flow):
+    """``quantize_dynamic``: int8 or fp16 weights, activations quantized per batch at run time."""
+
     name = "dynamic"
+    quantizes = "nn.Linear and nn.LSTM"
+    session_options = {"dynamic_dtype": "dtype"}
     needs_calibration = False
-    handed_over = False
+    deprecated = True
     # the plan fields torch's dynamic qconfigs honour (see qviz.plan.to_qconfig, flow "dynamic")
     editable = {"dtype": ("int8", "fp16", "float"), "weight": ("per_channel", "per_tensor")}
     ladder = ("int8", "fp16", "float")  # search(): cheap to precise
 
-    def __init__(self, backend: str = "x86", dtype: str = "int8", qconfig_spec=None):
+    def __init__(self, backend: str = "x86", dtype: str | None = "int8", qconfig_spec=None):
         self.backend = check_backend(backend)
+        dtype = "int8" if dtype is None else dtype
         if dtype not in _DTYPES:
             raise ConfigError(f"dynamic dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         self.dtype_name, self.dtype = dtype, _DTYPES[dtype]
@@ -82,7 +87,7 @@ class DynamicFlow:
     def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
         """As :func:`qviz.analysis.compare.find_layers`, but only layers this flow could have
         quantized count as left float: convolutions, norms and embeddings were never candidates."""
-        from qviz.analysis.compare import find_layers
+        from qviz.flows.layers import find_layers
 
         layers, left_float = find_layers(quantized, reference)
         return layers, [n for n in left_float if self._quantizes(n, reference.get_submodule(n))]
@@ -99,11 +104,7 @@ class DynamicFlow:
         return tq.quantize_dynamic(model, spec, dtype=self.dtype, inplace=True)
 
     # -- plans -------------------------------------------------------------------------------
-    def use_plan(self, plan: Plan) -> None:
-        """Convert under ``plan`` (a Session's ``plan=``)."""
-        self.plan = plan
-
-    def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
         """What ``quantize_dynamic(model, dtype=...)`` ran: torch's default dynamic qconfig
         (per-tensor int8 weights) or float16, for every layer it quantized."""
         config = LayerConfig(dtype=self.dtype_name, weight="per_tensor")
@@ -117,9 +118,9 @@ class DynamicFlow:
         """The plan as a ``quantize_dynamic`` qconfig_spec: every layer by name (float: None)."""
         return {n: to_qconfig(c, plan.backend, flow="dynamic") for n, c in plan.items()}
 
-    def rebuild(self, float_layer: nn.Module, config: LayerConfig) -> nn.Module:
+    def rebuild_layer(self, name: str, config: LayerConfig, calibration: Calibration) -> nn.Module:
         """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
-        layer = copy.deepcopy(float_layer)
+        layer = copy.deepcopy(calibration.reference.get_submodule(name))
         if config.dtype == "float":
             return layer
         layer.qconfig = to_qconfig(config, self.backend, flow="dynamic")

@@ -21,14 +21,18 @@ from torch.ao.quantization.fuser_method_mappings import get_fuser_method
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
+    Calibration,
+    Flow,
     QuantPoint,
     check_backend,
-    is_quant_point,
     neutral_reference,
     parent_layer,
     role_of_attribute,
 )
+from qviz.flows.layers import is_quant_point
+from qviz.flows.torch_ao.rebuild import measured_inside, rebuild_static_layer, unwrapped
 from qviz.flows.tracing import one_trace_at_a_time
+from qviz.plan import Plan, to_qconfig
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -114,16 +118,19 @@ def fold_fused_bn(model: nn.Module) -> None:
             setattr(model.get_submodule(parent), attr, fuser(False, *members))
 
 
-class EagerFlow:
+class EagerFlow(Flow):
     """Static PTQ in eager mode, or conversion of a model the user prepared (QAT included)."""
 
     name = "eager"
-    needs_calibration = True
+    quantizes = "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub"
+    session_options = {"qconfig": "qconfig", "fuse": "fuse"}
+    deprecated = True
+    converts_float_layers = False  # a float layer needs stubs around it: the session applies it after
 
     def __init__(self, backend: str = "x86", qconfig=None, fuse="auto", module_qconfigs=None):
         self.backend = check_backend(backend)
         self.module_qconfigs = module_qconfigs or {}  # layer name -> qconfig, from a Plan
-        self.handed_over = False
+        self.user_qconfig = qconfig
         self.qconfig = qconfig if qconfig is not None else tq.get_default_qconfig(backend)
         if fuse != "auto" and not (
             isinstance(fuse, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in fuse)
@@ -174,6 +181,32 @@ class EagerFlow:
 
     def convert(self, observed: nn.Module) -> nn.Module:
         return tq.convert(copy.deepcopy(observed).eval(), inplace=False)
+
+    @property
+    def owns_configs(self) -> bool:
+        return self.user_qconfig is None and not self.handed_over
+
+    def use_plan(self, plan) -> None:
+        """Each quantized layer of ``plan`` gets its qconfig by module name."""
+        self.plan = plan
+        self.module_qconfigs = {n: to_qconfig(c, self.backend) for n, c in plan.items() if c.dtype != "float"}
+
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
+        """The backend's default config for every layer, fused groups as the model's."""
+        groups = tuple(g for g in detect_fusion_groups(model, warn=False) if g[0] in layers)
+        return Plan.default(layers, self.backend, groups)
+
+    def check_plan(self, plan, modules) -> None:
+        plan.check(modules)
+
+    def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
+        return rebuild_static_layer(name, config, calibration)
+
+    def measured_module(self, quantized: nn.Module, name: str) -> str:
+        return measured_inside(quantized, name)
+
+    def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
+        return super().layer_type(unwrapped(quantized_layer), float_layer)
 
 
 def is_quant_point_child(model: nn.Module, name: str) -> bool:

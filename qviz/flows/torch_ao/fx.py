@@ -22,29 +22,47 @@ import copy
 import operator
 import os
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization import (
+    FixedQParamsObserver,
+    ReuseInputObserver,
+    get_default_qconfig_mapping,
+)
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-import qviz
+from qviz.capture.probes import describe, probing
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
+    Calibration,
+    Flow,
     QuantPoint,
+    Reconversion,
     check_backend,
-    is_quant_point,
     neutral_reference,
     parent_layer,
     positional,
     role_of_attribute,
 )
-from qviz.flows.torch_ao.eager import is_quant_point_child
+from qviz.flows.layers import is_quant_point
+from qviz.flows.torch_ao.eager import detect_fusion_groups, is_quant_point_child
+from qviz.flows.torch_ao.rebuild import (
+    activation_qparams,
+    fix_qparams,
+    measured_inside,
+    rebuild_static_layer,
+    same_activation,
+    unwrapped,
+)
 from qviz.flows.tracing import one_trace_at_a_time
+from qviz.plan import Plan, default_layer_config
 
-_OWN_DIRS = tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep for m in (torch, qviz))
+_QVIZ_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # qviz/
+_OWN_DIRS = (os.path.dirname(os.path.realpath(torch.__file__)) + os.sep, _QVIZ_DIR + os.sep)
 WEIGHTED_OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 OP_OF_KIND = {kind: op for op, kind in WEIGHTED_OPS.items()}
 _EQUIVALENT = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
@@ -330,26 +348,24 @@ def _origin(observed: nn.Module, observer, scope: dict) -> tuple[str, str]:
     return f"{value} going into {op}{where}" + (f" at {line}" if line else ""), fix
 
 
-class FxFlow:
+class FxFlow(Flow):
+    """``prepare_fx`` / calibrate / ``convert_fx`` under a QConfigMapping (the user's, the
+    backend's default or a plan's), functional linear/conv calls included as layers."""
+
     name = "fx"
-    needs_calibration = True
+    quantizes = ("nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
+                 "and functional linear/conv on the model's parameters")
+    session_options = {"qconfig_mapping": "qconfig_mapping"}
+    deprecated = True
 
     def __init__(self, backend: str = "x86", qconfig_mapping=None):
         self.backend = check_backend(backend)
         self.qconfig_mapping = qconfig_mapping
-        self.handed_over = False
-        self.plan = None
         self.functional: dict[str, FunctionalOp] = {}  # row name -> op, set at prepare
         self.layer_subclasses: set[str] = set()  # set at prepare, see find_layers
 
-    def use_plan(self, plan) -> None:
-        """A plan given to the Session drives the first conversion (functional rows included)."""
-        self.plan = plan
-
     def plan_mapping(self, plan):
         """The plan as a QConfigMapping that addresses this model's functional rows exactly."""
-        from qviz.flows.torch_ao.rebuild import plan_qconfig_mapping
-
         return plan_qconfig_mapping(plan, self.functional)
 
     @one_trace_at_a_time
@@ -434,7 +450,7 @@ class FxFlow:
         """Module layers as everywhere plus the functional rows. FX's bare holders of get_attr
         targets are left out, except those of a torch layer subclass whose ops stay float
         (timm's BatchNormAct2d calling F.batch_norm): that is a float row."""
-        from qviz.analysis.compare import find_layers
+        from qviz.flows.layers import find_layers
 
         layers, left_float = find_layers(quantized, reference)
         functional = {n: m for n, m in quantized.named_modules() if isinstance(m, FunctionalLayer)}
@@ -449,6 +465,110 @@ class FxFlow:
     def check_plan(self, plan, modules: dict) -> None:
         """The plan's rules for a functional row are those of the module it stands for."""
         plan.check({n: m.equivalent if isinstance(m, FunctionalLayer) else m for n, m in modules.items()})
+
+    @property
+    def owns_configs(self) -> bool:
+        return self.qconfig_mapping is None and not self.handed_over
+
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
+        """The backend's default config for every layer, fused groups as the model's."""
+        groups = tuple(g for g in detect_fusion_groups(model, warn=False) if g[0] in layers)
+        return Plan.default(layers, self.backend, groups)
+
+    def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
+        return rebuild_static_layer(name, config, calibration)
+
+    def measured_module(self, quantized: nn.Module, name: str) -> str:
+        return measured_inside(quantized, name)
+
+    def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
+        return super().layer_type(unwrapped(quantized_layer), float_layer)
+
+    def reconvert(self, target, changed: list[str], calibration: Calibration) -> Reconversion:
+        """Changed layers rebuilt in place, unless the graph itself changes: FX decides where
+        quantize/dequantize go around float layers, and functional layers have no module to
+        swap, so then the whole model is prepared and converted again (:meth:`_reconvert_graph`)."""
+        structural = any(
+            (target[n].dtype == "float") != (calibration.plan[n].dtype == "float")
+            or isinstance(calibration.reference.get_submodule(n), FunctionalLayer) for n in changed
+        )
+        if not structural:
+            return super().reconvert(target, changed, calibration)
+        return Reconversion(self._reconvert_graph(target, calibration))
+
+    @one_trace_at_a_time
+    def _reconvert_graph(self, target, calibration: Calibration) -> nn.Module:
+        """prepare_fx under ``target`` and convert, qparams set without calibration data where
+        possible. A point observing a value computed from parameters alone (a functional layer's
+        weight, a layer-scale parameter) observes it now; the others are matched with
+        calibration's by the node they observe (stable across prepares of one model) and get
+        qparams from the statistics recorded there. Points new to this graph (a layer that was
+        float at calibration makes FX observe its input, say) are calibrated in one pass over
+        calib_data, with a warning naming them in the user's terms."""
+        model, reference, records, initial = (calibration.model, calibration.reference, calibration.records,
+                                              calibration.initial)
+        observed = prepare_fx(copy.deepcopy(model).eval(), self.plan_mapping(target),
+                              positional(model, calibration.example))
+        recorded = {}
+        for point, node in reference.meta.get("qviz_observed_nodes", {}).items():
+            record = records.get(point)
+            if record is not None and record.role in ("output", "input"):
+                recorded.setdefault(node, record)
+        points = {p.name: p for p in self.quant_points(observed)}
+        default = default_layer_config(self.backend)
+        new = []
+        for node in observed.graph.nodes:
+            p = points.get(node.target) if node.op == "call_module" else None
+            if p is None:
+                continue
+            source = node.args[0]
+            try:
+                constant = constant_value(observed, source)
+            except LookupError:
+                constant = None  # data flows into it
+            if isinstance(constant, torch.Tensor):  # a weight or other parameter-only value
+                p.module(constant)
+                continue
+            record = recorded.get(source.name)
+            if record is None:
+                new.append(p)
+                continue
+            config = target.get(p.layer) if p.layer in target else default
+            config = default if config.dtype == "float" else config
+            run_config = calibration.run_plan.get(p.layer) if p.layer in calibration.run_plan else default
+            start = initial.get(record.name, {})
+            if "scale" in start and same_activation(config, run_config) and (
+                type(p.module).__name__ == record.info.get("observer")
+            ):
+                scale, zero_point = float(start["scale"][0]), int(start["zero_point"][0])
+            else:
+                scale, zero_point, _ = activation_qparams(record.stats, config, self.backend)
+            fix_qparams(p.module, scale, zero_point)
+        if new:
+            _calibrate_new_points(observed, new, calibration)
+        return self.convert(observed)
+
+
+def _calibrate_new_points(observed: nn.Module, new: list[QuantPoint], calibration: Calibration) -> None:
+    """One pass over calib_data for points that calibration did not have; their records join
+    the session's (named '<point>@<observed node>'), so later re-conversions reuse them."""
+    observes = observed_nodes(observed)
+    with probing(new) as records, torch.no_grad():
+        for i, batch in enumerate(calibration.calib):
+            calibration.run_batch(observed, batch, i)
+    known = calibration.reference.meta.setdefault("qviz_observed_nodes", {})
+    for p in new:
+        record = describe(records[p.name], p.module)
+        record.name = f"{p.name}@{observes[p.name]}"
+        calibration.records[record.name] = record
+        calibration.initial[record.name] = dict(record.arrays)
+        known[record.name] = observes[p.name]
+    warnings.warn(  # no "quantiz"/"observer" in the text: quiet_torch() would hide it
+        f"under the new plan, {len(new)} value(s) that calibration did not see need qparams "
+        f"({'; '.join(p.origin for p in new[:3])}{'; ...' if len(new) > 3 else ''}): qviz "
+        "ran one pass over calib_data for them",
+        stacklevel=6,
+    )
 
 
 def _torch_layer_subclasses(model: nn.Module) -> set[str]:
@@ -466,3 +586,35 @@ def _first_observer(observed: nn.Module, node) -> str | None:
     """The name of the observer node on a functional op's weight argument."""
     arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     return arg.name if isinstance(arg, torch.fx.Node) and arg.op == "call_module" else None
+
+
+def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
+    """The plan as an FX ``QConfigMapping`` in which fused groups share their key's qconfig and
+    the ops whose qparams the backend fixes or reuses (sigmoid, tanh, reshape, ...) keep them, as
+    in ``get_default_qconfig_mapping``, so re-conversions build the first conversion's graph.
+
+    ``functional`` (row name -> :class:`qviz.flows.torch_ao.fx.FunctionalOp`): a row named by its module
+    (``"head"``) is that module, everything inside it, as for any module name; rows inside it
+    get entries of their own. A row ``"block.linear#1"`` is that one call
+    (``set_module_name_object_type_order``), not the other ops of ``block``."""
+    mapping = plan.qconfig_mapping()
+    if mapping.global_qconfig is not None:  # ops whose output qparams are fixed or reused, as
+        for op, qconfig in get_default_qconfig_mapping(plan.backend).object_type_qconfigs.items():
+            observer = getattr(qconfig.activation, "func", qconfig.activation)  # the backend's
+            if observer in (FixedQParamsObserver, ReuseInputObserver):  # own mapping has them
+                mapping.set_object_type(op, qconfig)
+    named = dict(mapping.module_name_qconfigs)
+    for group in plan.groups:
+        if group[0] in named:
+            for member in group[1:]:
+                mapping.set_module_name(member, named[group[0]])
+    default = mapping.global_qconfig
+    for row, op in (functional or {}).items():
+        if row != op.owner:  # "block.linear#1": that call alone
+            qconfig = mapping.module_name_qconfigs.pop(row, default)
+            mapping.set_module_name_object_type_order(op.owner, OP_OF_KIND[op.kind], op.index, qconfig)
+    owners = [n for n in mapping.module_name_qconfigs if n in (functional or {})]
+    for name in plan:  # a module row's qconfig reaches inside it: rows there keep their own
+        if name not in mapping.module_name_qconfigs and any(name.startswith(f"{o}.") for o in owners):
+            mapping.set_module_name(name, default)
+    return mapping

@@ -13,17 +13,11 @@ import copy
 
 import torch
 from torch import nn
-from torch.ao.quantization import (
-    FixedQParamsObserver,
-    ReuseInputObserver,
-    get_default_qconfig_mapping,
-)
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
-from qviz.flows.torch_ao.fx import OP_OF_KIND
-from qviz.plan import LayerConfig, Plan, to_qconfig
+from qviz.plan import LayerConfig, to_qconfig
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
 
@@ -113,33 +107,30 @@ def feeds_only_dequantize(quantized: nn.Module, layer: str) -> bool:
     return False
 
 
-def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
-    """The plan as an FX ``QConfigMapping`` in which fused groups share their key's qconfig and
-    the ops whose qparams the backend fixes or reuses (sigmoid, tanh, reshape, ...) keep them, as
-    in ``get_default_qconfig_mapping``, so re-conversions build the first conversion's graph.
+def rebuild_static_layer(name: str, config: LayerConfig, calibration) -> nn.Module:
+    """Layer ``name`` of an eager or FX session rebuilt under ``config`` (see :func:`build_layer`):
+    output qparams as calibrated where the activation config is the one calibration ran, else
+    computed from the recorded statistics; a float layer re-quantizes its output with the
+    calibrated qparams unless only a dequantize reads it."""
+    reference, initial = calibration.reference.get_submodule(name), calibration.initial
+    record = next((r for r in calibration.records.values() if r.layer == name and r.role == "output"), None)
+    calibrated = record is not None and "scale" in initial.get(record.name, {})
+    if config.dtype == "float" and (record is None or feeds_only_dequantize(calibration.quantized, name)):
+        return build_layer(reference, config, calibration.backend, None)
+    if calibrated and (config.dtype == "float" or same_activation(config, calibration.run_plan[name])):
+        qparams = (float(initial[record.name]["scale"][0]), int(initial[record.name]["zero_point"][0]), torch.quint8)
+    elif record is not None:
+        qparams = activation_qparams(record.stats, config, calibration.backend)
+    else:
+        raise ConfigError(f"layer {name!r} has no recorded output statistics to rebuild it from")
+    return build_layer(reference, config, calibration.backend, qparams)
 
-    ``functional`` (row name -> :class:`qviz.flows.torch_ao.fx.FunctionalOp`): a row named by its module
-    (``"head"``) is that module, everything inside it, as for any module name; rows inside it
-    get entries of their own. A row ``"block.linear#1"`` is that one call
-    (``set_module_name_object_type_order``), not the other ops of ``block``."""
-    mapping = plan.qconfig_mapping()
-    if mapping.global_qconfig is not None:  # ops whose output qparams are fixed or reused, as
-        for op, qconfig in get_default_qconfig_mapping(plan.backend).object_type_qconfigs.items():
-            observer = getattr(qconfig.activation, "func", qconfig.activation)  # the backend's
-            if observer in (FixedQParamsObserver, ReuseInputObserver):  # own mapping has them
-                mapping.set_object_type(op, qconfig)
-    named = dict(mapping.module_name_qconfigs)
-    for group in plan.groups:
-        if group[0] in named:
-            for member in group[1:]:
-                mapping.set_module_name(member, named[group[0]])
-    default = mapping.global_qconfig
-    for row, op in (functional or {}).items():
-        if row != op.owner:  # "block.linear#1": that call alone
-            qconfig = mapping.module_name_qconfigs.pop(row, default)
-            mapping.set_module_name_object_type_order(op.owner, OP_OF_KIND[op.kind], op.index, qconfig)
-    owners = [n for n in mapping.module_name_qconfigs if n in (functional or {})]
-    for name in plan:  # a module row's qconfig reaches inside it: rows there keep their own
-        if name not in mapping.module_name_qconfigs and any(name.startswith(f"{o}.") for o in owners):
-            mapping.set_module_name(name, default)
-    return mapping
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The layer a :class:`FloatLayer` wraps, else ``module``."""
+    return module.module if isinstance(module, FloatLayer) else module
+
+
+def measured_inside(quantized: nn.Module, name: str) -> str:
+    """A float layer is measured inside its wrapper, before its output is quantized again."""
+    return f"{name}.module" if isinstance(quantized.get_submodule(name), FloatLayer) else name

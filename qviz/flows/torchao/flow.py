@@ -35,7 +35,7 @@ from torch import nn
 
 from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
-from qviz.flows.base import QuantPoint, check_backend, copy_sharing_parameters
+from qviz.flows.base import Calibration, Flow, QuantPoint, check_backend, copy_sharing_parameters
 from qviz.flows.torchao import formats
 from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
 
@@ -108,23 +108,26 @@ def _check_scheme(scheme, group_size) -> None:
         )
 
 
-class TorchaoFlow:
+class TorchaoFlow(Flow):
     """``quantize_`` with per-layer torchao configs; no calibration (weight-only or dynamic)."""
 
     name = "torchao"
+    quantizes = "nn.Linear"
+    session_options = {"scheme": "scheme", "group_size": "group_size"}
     needs_calibration = False
-    handed_over = False
     # plan fields it honours (see check_plan): no observers, nothing to calibrate
     editable = {"dtype": ("int8", "int4", *FORMAT_DTYPES, "float"), "weight": ("per_channel", "per_tensor"),
                 "group_size": (None, 32, 64, 128)}  # None: the flow's group_size
 
     def __init__(
-        self, backend: str = "x86", scheme: str = "int8_dynamic", group_size: int | None = 32
+        self, backend: str = "x86", scheme: str | None = "int8_dynamic", group_size: int | None = 32
     ):
+        """``group_size`` None: one int4 scale per output channel; ``scheme`` None: int8_dynamic."""
         self.backend = check_backend(backend)
+        scheme = "int8_dynamic" if scheme is None else scheme
         _check_scheme(scheme, group_size)
         self.scheme = scheme
-        self.group_size = group_size or None  # 0 (Session's None): one scale per output channel
+        self.group_size = group_size or None
         self.dtype, self.activations = SCHEMES[scheme]
         self.ao = load_torchao()
         self.plan: Plan | None = None
@@ -153,13 +156,10 @@ class TorchaoFlow:
     def reference(self, observed: nn.Module, points: list[QuantPoint]) -> nn.Module:
         return observed
 
-    @staticmethod
-    def find_layers(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
-        """As :func:`qviz.analysis.compare.find_layers`, but only layers with a matrix or kernel
+    def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
+        """As :func:`qviz.flows.layers.find_layers`, but only layers with a matrix or kernel
         weight (Linear, conv, embedding) count as left float: norms were never candidates."""
-        from qviz.analysis.compare import find_layers
-
-        layers, left_float = find_layers(quantized, reference)
+        layers, left_float = super().find_layers(quantized, reference)
         weight = lambda n: getattr(quantized.get_submodule(n), "weight", None)  # noqa: E731
         return layers, [
             n for n in left_float if isinstance(weight(n), torch.Tensor) and weight(n).dim() >= 2
@@ -195,11 +195,7 @@ class TorchaoFlow:
             ) from exc
 
     # -- plans -------------------------------------------------------------------------------
-    def use_plan(self, plan: Plan) -> None:
-        """Convert under ``plan`` (a Session's ``plan=``)."""
-        self.plan = plan
-
-    def default_plan(self, layers: list[str], left_float: list[str]) -> Plan:
+    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
         """Linear layers at the scheme's dtype, everything else float."""
         return Plan(
             self.backend,
@@ -282,9 +278,14 @@ class TorchaoFlow:
         """True when ``config`` is a number format whose torchao kernels need a GPU (qviz simulates it)."""
         return formats.simulated(config.dtype, self.activations == "dynamic")
 
-    def rebuild(self, float_layer: nn.Module, config: LayerConfig) -> nn.Module:
+    def int4_groups(self, config: LayerConfig | None, float_layer: nn.Module) -> tuple[bool, int | None]:
+        """int4 here is the layer's group size, else the flow's, else one group per row."""
+        size = (config.group_size if config is not None else None) or self.group_size
+        return config is not None and config.dtype == "int4", size or getattr(float_layer, "in_features", None)
+
+    def rebuild_layer(self, name: str, config: LayerConfig, calibration: Calibration) -> nn.Module:
         """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
-        layer = copy.deepcopy(float_layer)
+        layer = copy.deepcopy(calibration.reference.get_submodule(name))
         ao_config = self.config_for(config)
         if self._simulates(config):
             return formats.SimulatedLinear(layer, ao_config, config)
