@@ -14,6 +14,8 @@ import pandas as pd
 
 from qviz.demo import demo_session
 from qviz.errors import QvizError
+from qviz.flows.base import BACKENDS
+from qviz.flows.registry import flow_class, flow_names
 from qviz.ui import MAX_SESSIONS
 
 __all__ = ["build_parser", "demo_session", "format_table", "main"]
@@ -109,6 +111,12 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _flow_help() -> str:
+    """Each registered flow with its summary, for --flow's help."""
+    said = [(n, flow_class(n).summary) for n in flow_names()]
+    return "; ".join(f"{n} ({summary})" if summary else n for n, summary in said).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qviz", description="A visual debugger for PyTorch quantization")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,11 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='digits: the embedded CNN (default); minilm: all-MiniLM-L6-v2, pretrained '
                       '(pip install "qviz[nlp]"); tinylm: a small causal LM trained on the Python standard '
                       "library's sources (also prints its perplexity, float vs quantized)")
-    demo.add_argument("--flow", default=None, choices=["fx", "eager", "dynamic", "pt2e", "torchao"],
-                      help="the quantization flow: fx, eager (QuantStub/convert), dynamic (Linear/LSTM weights), "
-                      "pt2e (torch.export + quantizer) or torchao (quantize_); default fx for digits, pt2e for "
+    demo.add_argument("--flow", default=None, choices=flow_names(),
+                      help=f"the quantization flow: {_flow_help()}; default fx for digits, pt2e for "
                       "minilm (FX cannot trace Hugging Face models), torchao for tinylm")
-    demo.add_argument("--backend", default="x86", choices=["x86", "fbgemm", "qnnpack", "onednn"],
+    demo.add_argument("--backend", default="x86", choices=BACKENDS,
                       help="the quantized kernels' backend, which decides what each layer can be (default x86)")
     demo.add_argument("--save", metavar="PATH", help="also save the session file there")
     demo.add_argument("--latency", action="store_true",

@@ -91,6 +91,8 @@ class Flow(abc.ABC):
 
     #: the name users pass as ``Session(flow=...)`` and ``qviz demo --flow``
     name: ClassVar[str]
+    #: a few words for help texts (``qviz demo --help``)
+    summary: ClassVar[str] = ""
     #: what it quantizes, for the message of a model where it found nothing to quantize
     quantizes: ClassVar[str] = "layers with weights"
     #: ``Session`` keyword arguments it takes, as {session keyword: constructor keyword}
@@ -135,6 +137,12 @@ class Flow(abc.ABC):
     @abc.abstractmethod
     def convert(self, observed: nn.Module) -> nn.Module:
         """The quantized model, layers named as in ``reference``."""
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        """Whether ``model`` was prepared by this flow already (a QAT model the user trained):
+        :meth:`prepare` then takes it as it is (``handed_over``) and a QAT session picks this flow."""
+        return False
 
     def find_layers(self, quantized: nn.Module, reference: nn.Module) -> tuple[list[str], list[str]]:
         """(quantized layers, layers with weights left float), in execution order."""

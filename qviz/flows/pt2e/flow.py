@@ -539,6 +539,7 @@ class Pt2eFlow(Flow):
     """``flow="pt2e"``: export, prepare_pt2e under a quantizer, calibrate, convert_pt2e."""
 
     name = "pt2e"
+    summary = "torch.export + a Quantizer"
     quantizes = "linear and conv ops (X86InductorQuantizer's default config)"
     session_options = {"quantizer": "quantizer"}
     sensitivity_by = "re-conversion"  # a graph has no layer modules to swap
@@ -637,6 +638,10 @@ class Pt2eFlow(Flow):
                 + ". Pass your own quantizer (Session(..., quantizer=...)) "
                 "for other schemes"
             )
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return is_pt2e_prepared(model)
 
     @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:

@@ -32,6 +32,7 @@ class DynamicFlow(Flow):
     """``quantize_dynamic``: int8 or fp16 weights, activations quantized per batch at run time."""
 
     name = "dynamic"
+    summary = "quantize_dynamic: Linear/LSTM weights"
     quantizes = "nn.Linear and nn.LSTM"
     session_options = {"dynamic_dtype": "dtype"}
     needs_calibration = False

@@ -122,6 +122,7 @@ class EagerFlow(Flow):
     """Static PTQ in eager mode, or conversion of a model the user prepared (QAT included)."""
 
     name = "eager"
+    summary = "QuantStub/DeQuantStub, fuse_modules, prepare, convert"
     quantizes = "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub"
     session_options = {"qconfig": "qconfig", "fuse": "fuse"}
     deprecated = True
@@ -141,8 +142,12 @@ class EagerFlow(Flow):
             )
         self.fuse = fuse
 
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return is_prepared(model)
+
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
-        if is_prepared(model):
+        if self.recognises(model):
             self.handed_over = True
             return copy.deepcopy(model).eval()
         if not any(isinstance(m, tq.QuantStub) for m in model.modules()):

@@ -353,6 +353,7 @@ class FxFlow(Flow):
     backend's default or a plan's), functional linear/conv calls included as layers."""
 
     name = "fx"
+    summary = "prepare_fx / convert_fx under a QConfigMapping"
     quantizes = ("nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
                  "and functional linear/conv on the model's parameters")
     session_options = {"qconfig_mapping": "qconfig_mapping"}
@@ -368,9 +369,13 @@ class FxFlow(Flow):
         """The plan as a QConfigMapping that addresses this model's functional rows exactly."""
         return plan_qconfig_mapping(plan, self.functional)
 
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return is_fx_prepared(model)
+
     @one_trace_at_a_time
     def prepare(self, model: nn.Module, example_inputs: tuple) -> nn.Module:
-        if is_fx_prepared(model):
+        if self.recognises(model):
             self.handed_over = True
             observed = copy.deepcopy(model).eval()
             self.functional = {op.row: op for op in functional_ops(observed).values()}

@@ -112,6 +112,7 @@ class TorchaoFlow(Flow):
     """``quantize_`` with per-layer torchao configs; no calibration (weight-only or dynamic)."""
 
     name = "torchao"
+    summary = "torchao's quantize_"
     quantizes = "nn.Linear"
     session_options = {"scheme": "scheme", "group_size": "group_size"}
     needs_calibration = False
