@@ -44,6 +44,7 @@ from qviz.flows.base import call_model, positional, split_batch
 from qviz.flows.failure import model_failure
 from qviz.flows.torch_ao.eager import detect_fusion_groups
 from qviz.flows.torch_ao.fx import FunctionalLayer, constant_value, observed_nodes
+from qviz.flows.torch_ao.qconfigs import check_plan, to_qconfig
 from qviz.flows.torch_ao.rebuild import (
     FloatLayer,
     activation_qparams,
@@ -55,7 +56,8 @@ from qviz.flows.torch_ao.rebuild import (
 )
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
 from qviz.io.results import Results
-from qviz.plan import Plan, default_layer_config, to_qconfig
+from qviz.options import SEARCH_LADDER
+from qviz.plan import Plan, default_layer_config
 from qviz.progress import progress_bar
 from qviz.torch_warnings import quiet_torch
 
@@ -461,7 +463,7 @@ class Session:
         if hasattr(self.flow, "check_plan"):
             self.flow.check_plan(target, modules)
         else:
-            target.check(modules)
+            check_plan(target, modules)
 
     def choices(self, layer: str, field: str, values) -> tuple:
         """Those of ``values`` for ``layer``'s ``field`` that apply() would accept now, checked
@@ -576,7 +578,7 @@ class Session:
         if not self.can_apply:
             raise ConfigError(self._why_no_apply())
         history, sweep = list(self._history), self.results.sensitivity
-        ladder = ladder or getattr(self.flow, "ladder", ("int4", "int8", "float"))
+        ladder = ladder or getattr(self.flow, "ladder", SEARCH_LADDER)
         try:
             return search(self, target_sqnr=target_sqnr, eval_fn=eval_fn, max_drop=max_drop, ladder=ladder,
                           callback=callback)

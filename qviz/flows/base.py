@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qviz.errors import ConfigError
+from qviz.options import SEARCH_LADDER
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
@@ -113,7 +114,7 @@ class Flow(abc.ABC):
     #: the plan fields it honours with their allowed values (None: any); None: every field
     editable: ClassVar[Mapping[str, tuple | None] | None] = None
     #: the dtypes the mixed-precision search tries, cheap to precise
-    ladder: ClassVar[tuple[str, ...]] = ("int4", "int8", "float")
+    ladder: ClassVar[tuple[str, ...]] = SEARCH_LADDER
     #: whether :meth:`reconvert` can edit layers live (Session.apply, the editor, search)
     can_edit: ClassVar[bool] = True
     #: "module swap" (qviz swaps one layer at a time) or "re-conversion" (:meth:`sweep`)

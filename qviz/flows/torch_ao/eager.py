@@ -28,6 +28,7 @@ from qviz.flows.base import (
     parent_layer,
     role_of_attribute,
 )
+from qviz.flows.torch_ao import codegen
 from qviz.flows.tracing import one_trace_at_a_time
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -174,6 +175,12 @@ class EagerFlow:
 
     def convert(self, observed: nn.Module) -> nn.Module:
         return tq.convert(copy.deepcopy(observed).eval(), inplace=False)
+
+    @classmethod
+    def plan_code(cls, plan, fixed_qparams=None) -> str:
+        """Plain torch code: ``apply_qconfigs(model)`` setting each planned module's ``.qconfig``
+        by name; ``fixed_qparams`` ({layer: (scale, zero_point)}) pins percentile layers."""
+        return codegen.plan_code(plan, cls.name, fixed_qparams)
 
 
 def is_quant_point_child(model: nn.Module, name: str) -> bool:

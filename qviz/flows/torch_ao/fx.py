@@ -41,6 +41,7 @@ from qviz.flows.base import (
     positional,
     role_of_attribute,
 )
+from qviz.flows.torch_ao import codegen, qconfigs
 from qviz.flows.torch_ao.eager import is_quant_point_child
 from qviz.flows.tracing import one_trace_at_a_time
 
@@ -448,7 +449,14 @@ class FxFlow:
 
     def check_plan(self, plan, modules: dict) -> None:
         """The plan's rules for a functional row are those of the module it stands for."""
-        plan.check({n: m.equivalent if isinstance(m, FunctionalLayer) else m for n, m in modules.items()})
+        qconfigs.check_plan(plan, {n: m.equivalent if isinstance(m, FunctionalLayer) else m
+                                   for n, m in modules.items()})
+
+    @classmethod
+    def plan_code(cls, plan, fixed_qparams=None) -> str:
+        """Plain torch code: ``build_qconfig_mapping()`` returning the plan's QConfigMapping for
+        ``prepare_fx``; ``fixed_qparams`` ({layer: (scale, zero_point)}) pins percentile layers."""
+        return codegen.plan_code(plan, cls.name, fixed_qparams)
 
 
 def _torch_layer_subclasses(model: nn.Module) -> set[str]:

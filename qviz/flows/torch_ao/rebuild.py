@@ -23,7 +23,8 @@ from torch.ao.quantization.quantization_mappings import get_default_static_quant
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
 from qviz.flows.torch_ao.fx import OP_OF_KIND
-from qviz.plan import LayerConfig, Plan, to_qconfig
+from qviz.flows.torch_ao.qconfigs import qconfig_mapping, to_qconfig
+from qviz.plan import LayerConfig, Plan
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
 
@@ -122,7 +123,7 @@ def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
     (``"head"``) is that module, everything inside it, as for any module name; rows inside it
     get entries of their own. A row ``"block.linear#1"`` is that one call
     (``set_module_name_object_type_order``), not the other ops of ``block``."""
-    mapping = plan.qconfig_mapping()
+    mapping = qconfig_mapping(plan)
     if mapping.global_qconfig is not None:  # ops whose output qparams are fixed or reused, as
         for op, qconfig in get_default_qconfig_mapping(plan.backend).object_type_qconfigs.items():
             observer = getattr(qconfig.activation, "func", qconfig.activation)  # the backend's
