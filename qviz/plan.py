@@ -142,14 +142,12 @@ class LayerConfig:
         return ", ".join(parts)
 
 
-_FIELDS = tuple(o.name for o in OPTIONS)
-
-
 def _check_fields(data: Mapping) -> None:
-    unknown = [k for k in data if k not in _FIELDS]
+    fields = [o.name for o in OPTIONS]
+    unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"unknown layer config field(s) {choices_text(unknown)}; valid fields: {choices_text(_FIELDS)}"
+            f"unknown layer config field(s) {choices_text(unknown)}; valid fields: {choices_text(fields)}"
         )
 
 
