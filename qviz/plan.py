@@ -440,6 +440,5 @@ class Plan(Mapping):
     def code_for(self, meta: Mapping[str, Any]) -> str:
         """:meth:`to_code` for the flow a session ran (``results.meta``: the flow's name, the
         session's own entries, and the flow's ``meta``, passed to its code as options)."""
-        flow = meta.get("flow") or "fx"
         options = {k: v for k, v in meta.items() if k not in _SESSION_META}
-        return self.to_code(flow, **options)
+        return self.to_code(meta["flow"], **options) if meta.get("flow") else self.to_code(**options)

@@ -783,3 +783,43 @@ def test_code_global_is_the_majority_and_names_are_quoted():
     )
     empty = _exec(Plan("x86", {}).to_code("eager"))
     assert callable(empty["apply_qconfigs"])
+
+
+# --------------------------------------------------------------------------- code through the registry
+
+
+def _toy_flow(name: str, plan_code=None) -> type:
+    """A registered flow doing nothing but (optionally) writing code; ``plan_code(cls, plan, ...)``."""
+    from qviz.flows.base import Flow
+
+    body = {method: lambda *a, **k: None for method in Flow.__abstractmethods__}
+    body["name"] = name
+    if plan_code is not None:
+        body["plan_code"] = classmethod(plan_code)
+    return type(f"{name.title()}Flow", (Flow,), body)
+
+
+def test_to_code_and_code_for_go_to_the_flows_plan_code():
+    from qviz.flows.registry import register_flow, unregister_flow
+
+    plan = Plan.default(["fc"], "x86")
+    register_flow(_toy_flow("toywriter", lambda cls, plan, level=1: f"# {len(plan)} layer(s), level {level}"))
+    register_flow(_toy_flow("toysilent"))
+    try:
+        assert plan.to_code("toywriter") == "# 1 layer(s), level 1"
+        assert plan.to_code("toywriter", level=3) == "# 1 layer(s), level 3"
+        # a session's meta: its own entries stay out, the flow's options go to its code
+        meta = {"flow": "toywriter", "backend": "x86", "torch": "2.13", "qviz": "0", "level": 2}
+        assert plan.code_for(meta) == "# 1 layer(s), level 2"
+        with pytest.raises(ConfigError, match="'depth' do not apply to flow 'toywriter'; its code takes 'level'"):
+            plan.to_code("toywriter", depth=2)
+        with pytest.raises(ConfigError, match="'depth' do not apply"):  # nothing in a meta is ignored
+            plan.code_for({**meta, "depth": 2})
+        with pytest.raises(ConfigError, match="flow 'toysilent' cannot write a plan as code"):
+            plan.to_code("toysilent")
+        with pytest.raises(ConfigError, match="'scheme' do not apply to flow 'fx'; its code takes 'fixed_qparams'"):
+            plan.to_code("fx", scheme="int8_dynamic")
+    finally:
+        unregister_flow("toywriter")
+        unregister_flow("toysilent")
+    assert plan.code_for({}) == plan.to_code("fx")  # no flow named: the default's code
