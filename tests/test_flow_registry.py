@@ -139,7 +139,8 @@ def test_an_outside_flow_edits_live_as_a_fresh_build_would(rounding):
     live = qviz.Session(TwoLinears(), DATA, flow="rounding", progress=False).run()
     assert live.choices("fc1", "dtype", ("int8", "int4", "float")) == ("int8", "float")
     live.apply({"fc1": {"dtype": "float"}})
-    scratch = qviz.Session(TwoLinears(), DATA, flow="rounding", plan=live.plan, progress=False).run()
+    with pytest.warns(UserWarning, match="stayed float.*fc1"):
+        scratch = qviz.Session(TwoLinears(), DATA, flow="rounding", plan=live.plan, progress=False).run()
     assert not live.to_dataframe().loc["fc1", "quantized"]
     assert live.summary()["output_sqnr"] == pytest.approx(scratch.summary()["output_sqnr"], abs=1e-6)
     with pytest.raises(ConfigError, match="does int8 or float"):
@@ -149,7 +150,8 @@ def test_an_outside_flow_edits_live_as_a_fresh_build_would(rounding):
 
 
 def test_an_outside_flow_takes_its_options_and_refuses_unknown_ones(rounding):
-    s = qviz.Session(TwoLinears(), DATA, flow="rounding", flow_options={"skip": ("fc2",)}, progress=False).run()
+    with pytest.warns(UserWarning, match="stayed float.*fc2"):
+        s = qviz.Session(TwoLinears(), DATA, flow="rounding", flow_options={"skip": ("fc2",)}, progress=False).run()
     assert list(s.to_dataframe().index[s.to_dataframe()["quantized"].astype(bool)]) == ["fc1"]
     with pytest.raises(ConfigError, match="has no option 'bits'.*'skip'"):
         qviz.Session(TwoLinears(), DATA, flow="rounding", flow_options={"bits": 4}, progress=False)

@@ -16,7 +16,8 @@ from qviz.analysis.metrics import sqnr
 from qviz.analysis.search import weight_bytes
 from qviz.errors import ConfigError
 from qviz.flows.torchao import formats
-from qviz.plan import DTYPES, FORMAT_DTYPES, LayerConfig
+from qviz.options import DTYPES, FORMAT_DTYPES
+from qviz.plan import LayerConfig
 from tests.helpers import assert_unchanged, model_snapshot
 
 ao = pytest.importorskip("torchao.quantization", reason="torchao is in the test extra: pip install -e '.[test]'")

@@ -1,4 +1,5 @@
-"""Tests for qviz.plan: validation, plan edits, JSON, backend support and the generated code.
+"""Tests for qviz.plan and the torch.ao flows' qconfigs and code: validation, plan edits, JSON,
+backend support (qviz.flows.torch_ao.qconfigs) and the generated code (qviz.flows.torch_ao.codegen).
 
 The generated code is exec()'d and must build observers identical to to_qconfig()'s and
 quantized models whose outputs match qviz's own mapping bit for bit.
@@ -21,19 +22,15 @@ from torch.ao.nn.intrinsic import ConvReLU2d, LinearReLU
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from qviz.errors import ConfigError, QvizError
+from qviz.flows.torch_ao.qconfigs import check_plan, qconfig_mapping, supported, to_qconfig
+from qviz.options import ACTIVATIONS, DTYPES, FORMAT_DTYPES, WEIGHT_SCHEMES
 from qviz.plan import (
-    ACTIVATIONS,
     BACKENDS,
-    DTYPES,
-    FORMAT_DTYPES,
     FORMAT_NAME,
-    WEIGHT_SCHEMES,
     LayerConfig,
     Plan,
     UnknownLayerError,
     default_layer_config,
-    supported,
-    to_qconfig,
 )
 
 pytestmark = [
@@ -512,11 +509,11 @@ def test_plan_check_lists_every_unsupported_layer():
     )
     types = {"conv1": nn.Conv2d, "layer1.0.conv1": nn.Conv2d, "fc": nn.Linear}
     with pytest.raises(ConfigError) as info:
-        plan.check(types)
+        check_plan(plan, types)
     message = str(info.value)
     assert message.startswith("2 layer(s)") and "layer 'fc'" in message
     assert "layer 'layer1.0.conv1'" in message and "layer 'conv1'" not in message
-    _plan("onednn").check(types)
+    check_plan(_plan("onednn"), types)
 
 
 # --------------------------------------------------------------------------- JSON
@@ -624,7 +621,7 @@ def test_fx_code_builds_the_same_quantized_model(backend, engine):
     assert 'set_module_name("fc2", None)' in code
     assert "MinMaxObserver" in code and "Percentile activations: 'fc1'" in code
     generated = _exec(code)["build_qconfig_mapping"]()
-    ours = plan.qconfig_mapping()
+    ours = qconfig_mapping(plan)
     assert isinstance(generated, tq.QConfigMapping)
     assert _fingerprint(generated.global_qconfig) == _fingerprint(ours.global_qconfig)
     for name in plan:
@@ -709,7 +706,7 @@ def test_eager_code_builds_the_same_quantized_model(engine):
         {"conv2": {"dtype": "int4"}, "fc1": {"activation": "minmax"}, "fc2": {"dtype": "float"}}
     )
     apply = _exec(plan.to_code("eager"))["apply_qconfigs"]
-    mapping = plan.qconfig_mapping()
+    mapping = qconfig_mapping(plan)
 
     def ours(model):
         model.qconfig = mapping.global_qconfig
@@ -749,7 +746,7 @@ def test_dynamic_code_builds_the_same_quantized_model(engine):
         {"lstm": {"weight": "per_tensor"}, "fc2": {"dtype": "fp16"}, "fc3": {"dtype": "float"}}
     )
     spec = _exec(plan.to_code("dynamic"))["qconfig_spec"]
-    mapping = plan.qconfig_mapping(flow="dynamic")
+    mapping = qconfig_mapping(plan, flow="dynamic")
     assert list(spec) == list(plan)  # every layer by name, no global that could reach others
     for name in plan:
         assert _fingerprint(spec[name]) == _fingerprint(
@@ -781,8 +778,48 @@ def test_code_global_is_the_majority_and_names_are_quoted():
     )
     # ties go to the backend default; an empty plan is just the default
     tie = Plan.default(["a", "b"], "x86").with_changes({"a": {"dtype": "int4"}})
-    assert _fingerprint(tie.qconfig_mapping().global_qconfig) == _fingerprint(
+    assert _fingerprint(qconfig_mapping(tie).global_qconfig) == _fingerprint(
         to_qconfig(default_layer_config("x86"), "x86")
     )
     empty = _exec(Plan("x86", {}).to_code("eager"))
     assert callable(empty["apply_qconfigs"])
+
+
+# --------------------------------------------------------------------------- code through the registry
+
+
+def _toy_flow(name: str, plan_code=None) -> type:
+    """A registered flow doing nothing but (optionally) writing code; ``plan_code(cls, plan, ...)``."""
+    from qviz.flows.base import Flow
+
+    body = {method: lambda *a, **k: None for method in Flow.__abstractmethods__}
+    body["name"] = name
+    if plan_code is not None:
+        body["plan_code"] = classmethod(plan_code)
+    return type(f"{name.title()}Flow", (Flow,), body)
+
+
+def test_to_code_and_code_for_go_to_the_flows_plan_code():
+    from qviz.flows.registry import register_flow, unregister_flow
+
+    plan = Plan.default(["fc"], "x86")
+    register_flow(_toy_flow("toywriter", lambda cls, plan, level=1: f"# {len(plan)} layer(s), level {level}"))
+    register_flow(_toy_flow("toysilent"))
+    try:
+        assert plan.to_code("toywriter") == "# 1 layer(s), level 1"
+        assert plan.to_code("toywriter", level=3) == "# 1 layer(s), level 3"
+        # a session's meta: its own entries stay out, the flow's options go to its code
+        meta = {"flow": "toywriter", "backend": "x86", "torch": "2.13", "qviz": "0", "level": 2}
+        assert plan.code_for(meta) == "# 1 layer(s), level 2"
+        with pytest.raises(ConfigError, match="'depth' do not apply to flow 'toywriter'; its code takes 'level'"):
+            plan.to_code("toywriter", depth=2)
+        with pytest.raises(ConfigError, match="'depth' do not apply"):  # nothing in a meta is ignored
+            plan.code_for({**meta, "depth": 2})
+        with pytest.raises(ConfigError, match="flow 'toysilent' cannot write a plan as code"):
+            plan.to_code("toysilent")
+        with pytest.raises(ConfigError, match="'scheme' do not apply to flow 'fx'; its code takes 'fixed_qparams'"):
+            plan.to_code("fx", scheme="int8_dynamic")
+    finally:
+        unregister_flow("toywriter")
+        unregister_flow("toysilent")
+    assert plan.code_for({}) == plan.to_code("fx")  # no flow named: the default's code

@@ -16,7 +16,7 @@ from qviz.analysis.metrics import sqnr
 from qviz.demo import calibration_batches, eval_batches, load_demo_model
 from qviz.errors import ConfigError
 from qviz.models import transformer_block
-from qviz.plan import FORMAT_DTYPES
+from qviz.options import FORMAT_DTYPES
 from tests.helpers import assert_unchanged, model_snapshot
 
 pytest.importorskip("torchao", reason="torchao is in the test extra: pip install -e '.[test]'")

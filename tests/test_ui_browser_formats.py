@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import qviz  # noqa: E402
 from qviz.models import transformer_block  # noqa: E402
-from qviz.plan import FORMAT_DTYPES  # noqa: E402
+from qviz.options import FORMAT_DTYPES  # noqa: E402
 
 pytestmark = BROWSER_MARKS
 

@@ -35,6 +35,7 @@ import pandas as pd
 from qviz.errors import ConfigError
 from qviz.flows.torchao.formats import BITS as FORMAT_BITS
 from qviz.flows.torchao.formats import TENSOR_BYTES
+from qviz.options import SEARCH_LADDER
 
 BITS = {"int4": 4, "int8": 8, "fp16": 16, "float": 32, **FORMAT_BITS}
 MARGIN = 2.0  # verify candidates predicted up to 3 dB (a factor 2 in noise) past the target
@@ -113,7 +114,7 @@ class _Objective:
 
 
 def search(session, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
-           ladder: tuple[str, ...] = ("int4", "int8", "float"), callback=None, max_verify: int = 24,
+           ladder: tuple[str, ...] = SEARCH_LADDER, callback=None, max_verify: int = 24,
            interactions: int = 3) -> SearchResult:
     """Find a plan meeting ``target_sqnr`` (model output SQNR, dB) or a ``max_drop`` of
     ``eval_fn(model)`` (higher is better) against the float model, at the least size (see the

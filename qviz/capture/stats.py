@@ -24,13 +24,14 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAvera
 
 from qviz.capture.histogram import StreamingHistogram
 from qviz.errors import ConfigError
+from qviz.options import ACTIVATIONS
 
 # HistogramObserver searches on 2048 equal bins over [min, max]; our dyadic grid spans at least a
 # quarter of its bins, so 16384 gives >= 2 of ours per torch bin. Measured against the real
 # observer: SQNR mean |difference| ~0.005 dB; fewer bins do worse (2048: ~0.03 dB, some > 1 dB),
 # more do no better (the rest is torch's own batch-order sensitivity)
 DEFAULT_BINS = 16384
-OBSERVERS = ("minmax", "moving_average", "histogram", "percentile")
+OBSERVERS = ACTIVATIONS  # the observers a plan names (qviz.options)
 
 
 class ActivationStats:

@@ -29,6 +29,7 @@ from torch import nn
 
 from qviz.errors import ConfigError
 from qviz.flows.layers import find_layers, is_fake_quant
+from qviz.options import SEARCH_LADDER
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 
@@ -104,7 +105,7 @@ class Flow(abc.ABC):
     #: the plan fields it honours with their allowed values (None: any); None: every field
     editable: ClassVar[Mapping[str, tuple | None] | None] = None
     #: the dtypes the mixed-precision search tries, cheap to precise
-    ladder: ClassVar[tuple[str, ...]] = ("int4", "int8", "float")
+    ladder: ClassVar[tuple[str, ...]] = SEARCH_LADDER
     #: whether :meth:`reconvert` can edit layers live (Session.apply, the editor, search)
     can_edit: ClassVar[bool] = True
     #: how a sensitivity sweep builds each variant: "module swap" (one layer's module swapped

@@ -21,17 +21,26 @@ from qviz.analysis.graph import ModelGraph, session_graph
 from qviz.analysis.groups import linear_rows
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
+from qviz.options import OPTIONS, TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
-#: The editor's choices; the names and values of ``LayerConfig`` fields.
-DTYPES = ("int8", "int4", "fp16", "float")
-WEIGHT_SCHEMES = ("per_channel", "per_tensor")
-OBSERVERS = ("minmax", "moving_average", "histogram", "percentile")
-CONFIG_FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range", "group_size")
-_CHOICES = {"dtype": DTYPES, "weight": WEIGHT_SCHEMES, "activation": OBSERVERS}
-_CONFIG_DEFAULTS = {"dtype": "int8", "weight": "per_channel", "activation": "minmax",
-                    "percentile": 99.99, "reduce_range": False, "group_size": None}
+#: The editor's fields: the per-layer options (qviz.options) that have an editor widget.
+EDITOR_OPTIONS = tuple(o for o in OPTIONS if o.widget)
+CONFIG_FIELDS = tuple(o.name for o in EDITOR_OPTIONS)
+_CONFIG_DEFAULTS = {o.name: o.default for o in EDITOR_OPTIONS}
+
+
+def offered(o) -> tuple:
+    """What the editor offers for option ``o`` where the flow does not say (``editable``): its
+    choices (dtypes: torch.ao's; the number formats are offered by the flows that list them), or
+    an open number's suggestions (None first where None means "the flow's")."""
+    if o.name == "dtype":
+        return TORCH_DTYPES
+    return o.choices or (None,) * o.optional + o.suggested
+
+
+_CHOICES = {o.name: offered(o) for o in EDITOR_OPTIONS}
 
 #: Numbers shown before/after an edit: the layer's row, then the model's summary.
 COMPARED_COLUMNS = ("weight_sqnr", "local_sqnr", "output_sqnr", "scale", "zero_point", "clip_frac")

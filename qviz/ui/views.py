@@ -20,17 +20,16 @@ import param
 from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 from panel.viewable import Viewer
 
-from qviz.plan import DTYPES as PLAN_DTYPES
 from qviz.ui import figures
 from qviz.ui.markup import md
 from qviz.ui.progress import ui_caller
 from qviz.ui.state import (
     COMPARED_COLUMNS,
     COMPARED_SUMMARY,
-    DTYPES,
-    OBSERVERS,
-    WEIGHT_SCHEMES,
+    CONFIG_FIELDS,
+    EDITOR_OPTIONS,
     DashboardState,
+    offered,
 )
 
 log = logging.getLogger(__name__)
@@ -380,32 +379,42 @@ class LayerView(_StateView):
 
 
 # -- config editor (needs Session.apply) ------------------------------------------------------------
+def _editor_param(o) -> param.Parameter:
+    """The editor's parameter for option ``o`` (see :mod:`qviz.options`): its default and values."""
+    if o.choices:
+        return param.Selector(default=o.default, objects=list(o.choices), doc=o.doc)
+    if o.type is bool:
+        return param.Boolean(default=o.default, doc=o.doc)
+    if o.optional:  # 0 stands for None (the session's value): a Select showing None at first shows nothing
+        return param.Selector(default=0, objects=[0, *o.suggested], check_on_set=False, doc=f"{o.doc}; 0: the session's")
+    return param.Number(default=o.default, bounds=o.bounds, inclusive_bounds=o.inclusive, step=0.01, doc=o.doc)
+
+
+_WIDGETS = {"buttons": pn.widgets.RadioButtonGroup, "select": pn.widgets.Select, "number": pn.widgets.FloatInput,
+            "checkbox": pn.widgets.Checkbox}
+_NONE = {o.name: 0 for o in EDITOR_OPTIONS if o.optional}  # what stands for None in the editor's parameters
+
+
 class ConfigEditor(_StateView):
     """Change the selected layer's quantization choices and re-convert (``session.apply``);
     before/after of the layer's numbers, Undo, and the plan as code. Only for live sessions
     whose ``can_apply`` is True."""
 
-    dtype = param.Selector(default="int8", objects=list(PLAN_DTYPES))  # the torchao flow's formats too
-    weight = param.Selector(default="per_channel", objects=list(WEIGHT_SCHEMES))
-    activation = param.Selector(default="minmax", objects=list(OBSERVERS))
-    percentile = param.Number(default=99.99, bounds=(50, 100), inclusive_bounds=(False, True), step=0.01)
-    reduce_range = param.Boolean(default=False)
-    # 0 stands for None (the session's group size): a Select showing None at first shows nothing
-    group_size = param.Selector(default=0, objects=[0, 32, 64, 128], check_on_set=False,
-                                doc="Input columns per int4 weight scale (torchao); 0: the session's.")
+    # one parameter per option with an editor widget (qviz.options), its default and values
+    locals().update({o.name: _editor_param(o) for o in EDITOR_OPTIONS})
 
-    _FIELDS = ("dtype", "weight", "activation", "percentile", "reduce_range", "group_size")
+    _FIELDS = CONFIG_FIELDS
 
     def __init__(self, **params):
         super().__init__(**params)
         self.heading = pn.pane.Markdown("", margin=(0, 10))
         self.messages = MessageView(state=self.state, source="apply")  # under Apply, where the user looks
-        kinds = {"dtype": pn.widgets.RadioButtonGroup, "weight": pn.widgets.RadioButtonGroup,
-                 "activation": pn.widgets.Select, "percentile": pn.widgets.FloatInput,
-                 "reduce_range": pn.widgets.Checkbox, "group_size": pn.widgets.Select}
-        self.widgets = {f: kinds[f].from_param(getattr(self.param, f), label=f.replace("_", " "))
-                        for f in self._FIELDS}
-        self.widgets["dtype"].options = list(DTYPES)  # torch.ao's; a flow's editable may offer others
+        self.widgets = {o.name: _WIDGETS[o.widget].from_param(getattr(self.param, o.name),
+                                                                label=o.name.replace("_", " "))
+                        for o in EDITOR_OPTIONS}
+        for o in EDITOR_OPTIONS:  # what the flow offers unless its editable says (dtype: torch.ao's)
+            if offered(o):
+                self.widgets[o.name].options = _options(o.name, offered(o))
         self._limit_to_flow()
         self.widgets["group_size"].visible = "group_size" in (self.state.editable or {})
         self.param.watch(self._toggle_percentile, "activation")
@@ -470,7 +479,7 @@ class ConfigEditor(_StateView):
                         values = self.state.choices(layer, field)  # and what it is now, always
                         values = values if config[field] in values else [config[field], *values]
                         self.widgets[field].options = _options(field, values)
-                self.param.update(**{**config, "group_size": config["group_size"] or 0})
+                self.param.update(**{f: _NONE.get(f, v) if v is None else v for f, v in config.items()})
 
     def _on_version(self, *_):
         self._load_layer()
@@ -485,7 +494,7 @@ class ConfigEditor(_StateView):
         """The fields that differ from the selected layer's current configuration."""
         current = self.state.layer_config(self.state.selected_layer)
         chosen = {f: getattr(self, f) for f in self._FIELDS}
-        chosen["group_size"] = chosen["group_size"] or None
+        chosen.update({f: None for f, zero in _NONE.items() if chosen[f] == zero})
         return {f: v for f, v in chosen.items() if v != current[f]}
 
     def apply(self) -> bool:
@@ -536,10 +545,10 @@ class ConfigEditor(_StateView):
 
 
 def _options(field: str, values) -> list | dict:
-    """A widget's options for ``field``'s ``values``; group sizes labelled (None: the session's)."""
-    if field != "group_size":
+    """A widget's options for ``field``'s ``values``; an optional one's labelled (None: the session's)."""
+    if field not in _NONE:
         return list(values)
-    return {"session's" if v is None else str(v): v or 0 for v in values}  # 0: None, see group_size
+    return {"session's" if v is None else str(v): _NONE[field] if v is None else v for v in values}
 
 
 _COMPARED_TITLES = {"weight_sqnr": "weight SQNR", "local_sqnr": "local SQNR", "output_sqnr": "output SQNR",

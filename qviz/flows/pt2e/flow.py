@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import json
 import traceback
 
 import torch
@@ -46,6 +45,7 @@ from qviz.flows.base import (
     split_batch,
 )
 from qviz.flows.layers import is_quant_point
+from qviz.flows.pt2e.codegen import pt2e_code
 from qviz.flows.torch_ao.rebuild import activation_qparams, fix_qparams
 from qviz.flows.torchao.flow import quiet_torchao
 from qviz.flows.tracing import one_trace_at_a_time
@@ -95,43 +95,6 @@ def default_quantizer(layer_configs: dict | None = None):
         )
         quantizer.set_module_name_qconfig(name, config)
     return quantizer
-
-
-def pt2e_code(plan: Plan) -> str:
-    """Runnable Python (torch + torchao, no qviz) building the X86InductorQuantizer of ``plan``:
-    the default config globally, module-name configs only where the plan differs from it."""
-    lines = []
-    for name, config in plan.items():
-        if config.dtype == "float":
-            lines.append(f"    quantizer.set_module_name_qconfig({json.dumps(name)}, None)  # left float")
-        elif config.reduce_range:
-            lines.append(f"    quantizer.set_module_name_qconfig({json.dumps(name)}, "
-                         "get_default_x86_inductor_quantization_config(reduce_range=True))")
-    return "\n".join([
-        f'"""Quantization plan exported by qviz: PT2E with X86InductorQuantizer, {len(plan)} layers.',
-        "",
-        "Plain torch + torchao code: qviz is not needed to run it.",
-        '"""',
-        "",
-        "from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (",
-        "    X86InductorQuantizer,",
-        "    get_default_x86_inductor_quantization_config,",
-        ")",
-        "",
-        "# Usage: exported = torch.export.export(model.eval(), example_inputs,",
-        "#                                       dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()",
-        "#        exported.graph.eliminate_dead_code(); exported.recompile()  # unused outputs out",
-        "#        prepared = prepare_pt2e(exported, build_quantizer())",
-        "#        ...calibrate prepared...; quantized = convert_pt2e(prepared)",
-        "",
-        "",
-        "def build_quantizer():",
-        '    """X86InductorQuantizer with the plan\'s per-module configs."""',
-        "    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())",
-        *lines,
-        "    return quantizer",
-        "",
-    ])
 
 
 def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict):
@@ -757,6 +720,11 @@ class Pt2eFlow(Flow):
         with quiet_torchao():
             quantized = quantize_pt2e.convert_pt2e(observed)
         return _insert_taps(quantized, self.groups, reference=False, notes=notes)
+
+    @classmethod
+    def plan_code(cls, plan: Plan) -> str:
+        """Plain torch + torchao code building the X86InductorQuantizer of ``plan``."""
+        return pt2e_code(plan)
 
 
 def is_pt2e_prepared(model: nn.Module) -> bool:

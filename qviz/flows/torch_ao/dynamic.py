@@ -6,7 +6,7 @@ what each quantized layer's input looks like during the calibration pass (role "
 The layers it quantizes are ``DYNAMIC_TYPES``, exact types (a subclass with its own forward has
 no dynamic kernel): torch's own ``quantize_dynamic`` default less the RNN cells, which run once
 per time step, and the comparator pairs a layer's float and quantized outputs once per batch. Under
-a plan every layer gets its qconfig by name, as ``Plan.to_code("dynamic")`` writes it; a layer
+a plan every layer gets its qconfig by name, as its code (:meth:`DynamicFlow.plan_code`) writes it; a layer
 changed by ``Session.apply`` is rebuilt alone from its float twin (:meth:`DynamicFlow.rebuild`).
 """
 
@@ -22,7 +22,9 @@ from torch.ao.quantization.quantization_mappings import get_default_dynamic_quan
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import Calibration, Flow, QuantPoint, check_backend, copy_sharing_parameters
-from qviz.plan import LayerConfig, Plan, to_qconfig
+from qviz.flows.torch_ao import codegen, qconfigs
+from qviz.options import option
+from qviz.plan import LayerConfig, Plan
 
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
 _DTYPES = {"int8": torch.qint8, "fp16": torch.float16}
@@ -37,8 +39,8 @@ class DynamicFlow(Flow):
     session_options = {"dynamic_dtype": "dtype"}
     needs_calibration = False
     deprecated = True
-    # the plan fields torch's dynamic qconfigs honour (see qviz.plan.to_qconfig, flow "dynamic")
-    editable = {"dtype": ("int8", "fp16", "float"), "weight": ("per_channel", "per_tensor")}
+    # the plan fields torch's dynamic qconfigs honour (see qconfigs.to_qconfig, flow "dynamic")
+    editable = {"dtype": ("int8", "fp16", "float"), "weight": option("weight").choices}
     ladder = ("int8", "fp16", "float")  # search(): cheap to precise
 
     def __init__(self, backend: str = "x86", dtype: str | None = "int8", qconfig_spec=None):
@@ -113,16 +115,22 @@ class DynamicFlow(Flow):
 
     def check_plan(self, plan: Plan, modules: dict[str, nn.Module]) -> None:
         """Refuse what dynamic quantization cannot run (int4, static-only layers, fp16 off x86)."""
-        plan.check(modules, flow="dynamic")
+        qconfigs.check_plan(plan, modules, flow="dynamic")
 
     def qconfig_spec_of(self, plan: Plan) -> dict:
         """The plan as a ``quantize_dynamic`` qconfig_spec: every layer by name (float: None)."""
-        return {n: to_qconfig(c, plan.backend, flow="dynamic") for n, c in plan.items()}
+        return {n: qconfigs.to_qconfig(c, plan.backend, flow="dynamic") for n, c in plan.items()}
 
     def rebuild_layer(self, name: str, config: LayerConfig, calibration: Calibration) -> nn.Module:
         """One layer under ``config``, from its float twin (a copy; float keeps the float module)."""
         layer = copy.deepcopy(calibration.reference.get_submodule(name))
         if config.dtype == "float":
             return layer
-        layer.qconfig = to_qconfig(config, self.backend, flow="dynamic")
+        layer.qconfig = qconfigs.to_qconfig(config, self.backend, flow="dynamic")
         return get_default_dynamic_quant_module_mappings()[type(layer)].from_float(layer)
+
+    @classmethod
+    def plan_code(cls, plan: Plan, fixed_qparams=None) -> str:
+        """Plain torch code: the ``qconfig_spec`` dict for ``quantize_dynamic``, every layer by name
+        (``fixed_qparams`` is refused: activations are quantized at run time)."""
+        return codegen.plan_code(plan, cls.name, fixed_qparams)

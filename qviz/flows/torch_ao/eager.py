@@ -30,9 +30,10 @@ from qviz.flows.base import (
     role_of_attribute,
 )
 from qviz.flows.layers import is_quant_point
+from qviz.flows.torch_ao import codegen, qconfigs
 from qviz.flows.torch_ao.rebuild import measured_inside, rebuild_static_layer, unwrapped
 from qviz.flows.tracing import one_trace_at_a_time
-from qviz.plan import Plan, to_qconfig
+from qviz.plan import Plan
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -194,7 +195,7 @@ class EagerFlow(Flow):
     def use_plan(self, plan) -> None:
         """Each quantized layer of ``plan`` gets its qconfig by module name."""
         self.plan = plan
-        self.module_qconfigs = {n: to_qconfig(c, self.backend) for n, c in plan.items() if c.dtype != "float"}
+        self.module_qconfigs = {n: qconfigs.to_qconfig(c, self.backend) for n, c in plan.items() if c.dtype != "float"}
 
     def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
         """The backend's default config for every layer, fused groups as the model's."""
@@ -202,7 +203,7 @@ class EagerFlow(Flow):
         return Plan.default(layers, self.backend, groups)
 
     def check_plan(self, plan, modules) -> None:
-        plan.check(modules)
+        qconfigs.check_plan(plan, modules)
 
     def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
         return rebuild_static_layer(name, config, calibration)
@@ -212,6 +213,11 @@ class EagerFlow(Flow):
 
     def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
         return super().layer_type(unwrapped(quantized_layer), float_layer)
+    @classmethod
+    def plan_code(cls, plan, fixed_qparams=None) -> str:
+        """Plain torch code: ``apply_qconfigs(model)`` setting each planned module's ``.qconfig``
+        by name; ``fixed_qparams`` ({layer: (scale, zero_point)}) pins percentile layers."""
+        return codegen.plan_code(plan, cls.name, fixed_qparams)
 
 
 def is_quant_point_child(model: nn.Module, name: str) -> bool:

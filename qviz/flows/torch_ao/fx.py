@@ -49,6 +49,7 @@ from qviz.flows.base import (
     role_of_attribute,
 )
 from qviz.flows.layers import is_quant_point
+from qviz.flows.torch_ao import codegen, qconfigs
 from qviz.flows.torch_ao.eager import detect_fusion_groups, is_quant_point_child
 from qviz.flows.torch_ao.rebuild import (
     activation_qparams,
@@ -469,7 +470,14 @@ class FxFlow(Flow):
 
     def check_plan(self, plan, modules: dict) -> None:
         """The plan's rules for a functional row are those of the module it stands for."""
-        plan.check({n: m.equivalent if isinstance(m, FunctionalLayer) else m for n, m in modules.items()})
+        qconfigs.check_plan(plan, {n: m.equivalent if isinstance(m, FunctionalLayer) else m
+                                   for n, m in modules.items()})
+
+    @classmethod
+    def plan_code(cls, plan, fixed_qparams=None) -> str:
+        """Plain torch code: ``build_qconfig_mapping()`` returning the plan's QConfigMapping for
+        ``prepare_fx``; ``fixed_qparams`` ({layer: (scale, zero_point)}) pins percentile layers."""
+        return codegen.plan_code(plan, cls.name, fixed_qparams)
 
     @property
     def owns_configs(self) -> bool:
@@ -602,7 +610,7 @@ def plan_qconfig_mapping(plan: Plan, functional: dict | None = None):
     (``"head"``) is that module, everything inside it, as for any module name; rows inside it
     get entries of their own. A row ``"block.linear#1"`` is that one call
     (``set_module_name_object_type_order``), not the other ops of ``block``."""
-    mapping = plan.qconfig_mapping()
+    mapping = qconfigs.qconfig_mapping(plan)
     if mapping.global_qconfig is not None:  # ops whose output qparams are fixed or reused, as
         for op, qconfig in get_default_qconfig_mapping(plan.backend).object_type_qconfigs.items():
             observer = getattr(qconfig.activation, "func", qconfig.activation)  # the backend's

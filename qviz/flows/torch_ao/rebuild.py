@@ -17,7 +17,8 @@ from torch.ao.quantization.quantization_mappings import get_default_static_quant
 
 from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
-from qviz.plan import LayerConfig, to_qconfig
+from qviz.flows.torch_ao.qconfigs import to_qconfig
+from qviz.plan import LayerConfig
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
 

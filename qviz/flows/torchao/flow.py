@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import json
 import logging
 import math
 import warnings
@@ -37,7 +36,9 @@ from qviz.analysis.groups import dividing_sizes, group_size_fits
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import Calibration, Flow, QuantPoint, check_backend, copy_sharing_parameters
 from qviz.flows.torchao import formats
-from qviz.plan import FORMAT_DTYPES, LayerConfig, Plan
+from qviz.flows.torchao.codegen import torchao_code
+from qviz.options import FORMAT_DTYPES, option
+from qviz.plan import LayerConfig, Plan
 
 SCHEMES = {  # scheme -> (default dtype of Linear layers, activations)
     "int8_dynamic": ("int8", "dynamic"),
@@ -117,8 +118,8 @@ class TorchaoFlow(Flow):
     session_options = {"scheme": "scheme", "group_size": "group_size"}
     needs_calibration = False
     # plan fields it honours (see check_plan): no observers, nothing to calibrate
-    editable = {"dtype": ("int8", "int4", *FORMAT_DTYPES, "float"), "weight": ("per_channel", "per_tensor"),
-                "group_size": (None, 32, 64, 128)}  # None: the flow's group_size
+    editable = {"dtype": ("int8", "int4", *FORMAT_DTYPES, "float"), "weight": option("weight").choices,
+                "group_size": (None, *option("group_size").suggested)}  # None: the flow's group_size
 
     def __init__(
         self, backend: str = "x86", scheme: str | None = "int8_dynamic", group_size: int | None = 32
@@ -135,7 +136,7 @@ class TorchaoFlow(Flow):
 
     @property
     def meta(self) -> dict:
-        """What Plan.to_code(flow="torchao") needs besides the plan."""
+        """What :meth:`plan_code` needs besides the plan."""
         return {"scheme": self.scheme, "group_size": self.group_size}
 
     # -- the protocol ------------------------------------------------------------------------
@@ -294,6 +295,13 @@ class TorchaoFlow(Flow):
             self._quantize(layer, ao_config, lambda module, fqn: module is layer, type(layer).__name__)
         return layer
 
+    @classmethod
+    def plan_code(cls, plan: Plan, scheme: str = "int8_dynamic", group_size: int | None = 32) -> str:
+        """Plain torch + torchao code applying ``plan`` with ``quantize_``: an ``FqnToConfig`` of
+        each layer's config under the session's ``scheme`` and ``group_size`` (its :attr:`meta`)."""
+        _check_scheme(scheme, group_size)
+        return torchao_code(plan, scheme, SCHEMES[scheme][1] == "dynamic", group_size)
+
 
 def _group_size_problem(group_size: int, ungrouped: dict, modules: dict, plan: Plan) -> str:
     """Which int4 layers ``group_size`` does not divide, and the sizes that divide every int4 layer
@@ -310,80 +318,3 @@ def _group_size_problem(group_size: int, ungrouped: dict, modules: dict, plan: P
         f"group_size {group_size} does not divide the in_features of int4 layer(s) {listed}{more}; "
         f"{fits}group_size=None (one scale per output channel), or keep those layers int8"
     )
-
-
-# -- code -----------------------------------------------------------------------------------
-def torchao_code(plan: Plan, scheme: str = "int8_dynamic", group_size: int | None = 32) -> str:
-    """Runnable Python (torch + torchao, no qviz) applying ``plan`` with ``quantize_``."""
-    _check_scheme(scheme, group_size)
-    dynamic = SCHEMES[scheme][1] == "dynamic"
-    names = {"FqnToConfig", "quantize_"}
-    mx_names: set[str] = set()  # from torchao.prototype.mx_formats
-
-    def expr(config: LayerConfig) -> str:
-        if config.dtype in FORMAT_DTYPES:
-            text, imports = formats.code(config, dynamic)
-            names.update(imports.get("torchao.quantization", ()))
-            mx_names.update(imports.get("torchao.prototype.mx_formats", ()))
-            return text
-        if config.dtype == "int8":
-            weight = "PerRow()" if config.weight == "per_channel" else "PerTensor()"
-            names.add(weight[:-2])
-            if dynamic:
-                names.update(("Int8DynamicActivationInt8WeightConfig", "PerRow"))
-                return f"Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), {weight}])"
-            names.add("Int8WeightOnlyConfig")
-            return f"Int8WeightOnlyConfig(granularity={weight})"
-        size = config.group_size or group_size  # the layer's, else the session's
-        granularity = f"PerGroup({size})" if size else "PerAxis(0)"
-        names.update(("MappingType", granularity.split("(")[0]))
-        mapping = "MappingType." + ("SYMMETRIC" if config.weight_symmetric else "ASYMMETRIC")
-        if dynamic:
-            names.add("Int8DynamicActivationIntxWeightConfig")
-            return (
-                f"Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, "
-                f"weight_granularity={granularity}, weight_mapping_type={mapping})"
-            )
-        names.add("IntxWeightOnlyConfig")
-        return f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity={granularity}, mapping_type={mapping})"
-
-    lines = []
-    for name, config in plan.items():
-        if config.dtype in ("int8", "int4", *FORMAT_DTYPES):
-            simulated = formats.simulated(config.dtype, dynamic)  # its kernels need a GPU
-            note = f"  # needs {formats.needs(config)}; qviz simulated it on CPU" if simulated else ""
-            lines.append(f"    {_literal(name)}: {expr(config)},{note}")
-        else:
-            lines.append(f"    {_literal(name)}: None,  # {config.describe()}")
-    return "\n".join(
-        [
-            f'"""Quantization plan exported by qviz: torchao quantize_, scheme "{scheme}", {len(plan)} layers.',
-            "",
-            "Plain torch + torchao code: qviz is not needed to run it.",
-            '"""',
-            "",
-            "import torch",
-            "from torchao.quantization import (",
-            *(f"    {n}," for n in sorted(names, key=str.lower)),
-            ")",
-            *(["from torchao.prototype.mx_formats import ("] if mx_names else []),
-            *(f"    {n}," for n in sorted(mx_names, key=str.lower)),
-            *([")"] if mx_names else []),
-            "",
-            "# Usage: quantize_(model.eval(), build_config(), filter_fn=None)",
-            "",
-            "FQN_TO_CONFIG = {",
-            *lines,
-            "}",
-            "",
-            "",
-            "def build_config():",
-            '    """The plan as an FqnToConfig for quantize_ (layers mapped to None stay float)."""',
-            "    return FqnToConfig({k: v for k, v in FQN_TO_CONFIG.items() if v is not None})",
-            "",
-        ]
-    )
-
-
-def _literal(text: str) -> str:
-    return json.dumps(text)
