@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.ao.quantization.quantize_fx import prepare_fx
 
-from qviz import __version__
+from qviz.version import __version__
 from qviz.analysis.algorithms import METHODS, compare_algorithms
 from qviz.analysis.compare import (
     Comparator,

@@ -28,7 +28,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from qviz import __version__
+from qviz.version import __version__
 from qviz.analysis.diagnosis import diagnose
 from qviz.analysis.groups import linear_rows, worst_groups
 from qviz.analysis.outliers import channel_matrix

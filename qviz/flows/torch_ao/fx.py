@@ -30,7 +30,6 @@ from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-import qviz
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
     QuantPoint,
@@ -44,7 +43,8 @@ from qviz.flows.base import (
 from qviz.flows.torch_ao.eager import is_quant_point_child
 from qviz.flows.tracing import one_trace_at_a_time
 
-_OWN_DIRS = tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep for m in (torch, qviz))
+_QVIZ_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..")  # qviz/, not imported
+_OWN_DIRS = tuple(os.path.realpath(d) + os.sep for d in (os.path.dirname(torch.__file__), _QVIZ_DIR))
 WEIGHTED_OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 OP_OF_KIND = {kind: op for op, kind in WEIGHTED_OPS.items()}
 _EQUIVALENT = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
