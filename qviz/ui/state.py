@@ -21,6 +21,7 @@ from qviz.analysis.graph import ModelGraph, session_graph
 from qviz.analysis.groups import linear_rows
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
+from qviz.results import output_record
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,9 @@ class DashboardState(param.Parameterized):
         return self._table.loc[layer]
 
     def activation_point(self, layer: str) -> str | None:
-        """Name of the layer's output activation point ("output", else "dynamic"); None if none."""
-        p = self._points
-        for role in ("output", "dynamic"):
-            hits = p.index[(p["layer"] == layer) & (p["role"] == role)]
-            if len(hits):
-                return hits[0]
-        return None
+        """Name of the layer's output activation point (see :func:`qviz.results.output_record`); None if none."""
+        record = output_record(self.session.results.records, layer)
+        return record.name if record is not None else None
 
     def weight_point(self, layer: str) -> str | None:
         """Name of the layer's weight point, None if it has none."""
