@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from qviz.capture.qat import watch  # noqa: E402
-from qviz.errors import (  # noqa: E402
+from qviz.capture.qat import watch
+from qviz.errors import (
     ConfigError,
     InputDataError,
     ModelError,
@@ -13,8 +11,9 @@ from qviz.errors import (  # noqa: E402
     SessionFileError,
     SweepError,
 )
-from qviz.plan import LayerConfig, Plan  # noqa: E402
-from qviz.session import Session, load  # noqa: E402
+from qviz.plan import LayerConfig, Plan
+from qviz.session import Session, load
+from qviz.version import __version__
 
 __all__ = [
     "ConfigError",

@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qviz import __version__
 from qviz.analysis.algorithms import METHODS, compare_algorithms
 from qviz.analysis.compare import Comparator, model_output, serialized_size, weight_record
 from qviz.analysis.diagnosis import Thresholds, diagnose
@@ -36,16 +35,19 @@ from qviz.analysis.sensitivity import (
     reconversion_sweep,
     sweep,
 )
-from qviz.capture.probes import PointRecord, describe, probing
+from qviz.analysis.table import build_results
+from qviz.capture.probes import describe, probing
 from qviz.errors import ConfigError, InputDataError, QvizError
 from qviz.flows.base import Calibration, call_model, quantized_engine, split_batch, swap_module
 from qviz.flows.failure import model_failure
 from qviz.flows.registry import DEFAULT_FLOW, flow_class, flow_names, make_flow
 from qviz.flows.tracing import TRACE_LOCK
-from qviz.io.results import Results
+from qviz.io.results_file import load_results, save_results
 from qviz.plan import Plan
 from qviz.progress import progress_bar
+from qviz.results import PointRecord, Results, output_record
 from qviz.torch_warnings import quiet_torch
+from qviz.version import __version__
 
 
 def _batches(data, what: str) -> list:
@@ -270,7 +272,7 @@ class Session:
             summary["latency_ms"] = median_latency_ms(self._quantized, self._eval[0])
         float_layers = [n for n in self._layers if n in self._left_float
                         or (self.plan is not None and n in self.plan and self.plan[n].dtype == "float")]
-        results = Results.build(
+        results = build_results(
             meta={"flow": self.flow.name, "backend": self.backend, "torch": torch.__version__,
                   "qviz": __version__, **self.flow.meta},
             records=self._records, per_layer=self._per_layer,
@@ -421,7 +423,9 @@ class Session:
         return tuple(accepted)
 
     def _output_record(self, layer: str) -> PointRecord | None:
-        return next((r for r in self._records.values() if r.layer == layer and r.role == "output"), None)
+        """The layer's static output record (a rebuild needs its scale); None for a dynamic layer."""
+        record = output_record(self._records, layer)
+        return record if record is not None and record.role == "output" else None
 
     def search(self, *, target_sqnr: float | None = None, eval_fn=None, max_drop: float | None = None,
                ladder=None, callback=None):
@@ -615,7 +619,7 @@ class Session:
     def save(self, path) -> None:
         """Write everything the frame, summary and histograms need to ``path`` (atomically), and
         the activation outliers' statistics once :meth:`outliers` has measured them."""
-        dataclasses.replace(self._results(), outliers=getattr(self, "_outlier_stats", None)).save(path)
+        save_results(dataclasses.replace(self._results(), outliers=getattr(self, "_outlier_stats", None)), path)
 
     def outliers(self, top: int = 8) -> pd.DataFrame:
         """The activation outliers of every linear layer's input over the calibration batches:
@@ -732,7 +736,7 @@ def load(path, *, max_bytes: int | None = None) -> Session:
     """Open a session file written by :meth:`Session.save` (safe with files from strangers: the
     file may make qviz allocate at most ``max_bytes``, 512 MiB by default; raise it for a larger
     file you trust). ``session.source`` is then ``path``: views name the session by its file."""
-    session = Session.from_results(Results.load(path, max_bytes=max_bytes))
+    session = Session.from_results(load_results(path, max_bytes=max_bytes))
     session.source = pathlib.Path(path)
     return session
 

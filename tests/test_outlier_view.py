@@ -12,6 +12,7 @@ import torch
 import qviz
 from qviz.analysis.outliers import COLUMNS
 from qviz.demo import minilm
+from qviz.io.results_file import save_results
 from qviz.report import build_report
 from qviz.ui.app import build_dashboard
 from qviz.ui.outlier_view import OutlierView
@@ -138,7 +139,7 @@ def test_a_loaded_session_shows_the_saved_heat_map(demo, recorded, tmp_path):
 
 def test_a_loaded_session_explains_why_there_is_no_heat_map(demo, tmp_path):
     session, _, _ = demo
-    session.results.save(tmp_path / "minilm.qviz")  # the results alone: no outlier statistics
+    save_results(session.results, tmp_path / "minilm.qviz")  # the results alone: no outlier statistics
     view = _view(qviz.load(tmp_path / "minilm.qviz"))
     assert view.matrix is None and view.chart.objects == [view.placeholder]
     assert "No activation-outlier statistics" in view.placeholder.object
@@ -158,6 +159,6 @@ def test_the_report_has_the_outlier_section(demo, recorded, tmp_path):
     session.save(tmp_path / "minilm.qviz")  # with the statistics outliers() measured
     loaded = build_report(qviz.load(tmp_path / "minilm.qviz"))
     assert loaded[loaded.index('<section id="outliers">'):].split("</section>")[0] == section
-    session.results.save(tmp_path / "bare.qviz")  # the results alone
+    save_results(session.results, tmp_path / "bare.qviz")  # the results alone
     bare = build_report(qviz.load(tmp_path / "bare.qviz"))
     assert "not measured: this session file holds no activation-outlier statistics" in bare

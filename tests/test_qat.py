@@ -15,11 +15,12 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats, update_bn_stats
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import qviz
-from qviz.analysis.qat_detectors import Thresholds
-from qviz.capture.qat import QvizCallback, Recorder, Timeline, combine
+from qviz.analysis.qat_detectors import Thresholds, diagnose
+from qviz.capture.qat import QvizCallback, Recorder, combine, timeline_histogram
 from qviz.demo import calibration_batches, load_demo_model, load_digits_split
 from qviz.errors import ConfigError, QvizError
 from qviz.flows.layers import is_fake_quant
+from qviz.io.results_file import load_timeline, save_timeline
 from tests.helpers import model_snapshot
 
 pytestmark = pytest.mark.filterwarnings(
@@ -124,7 +125,7 @@ def test_snapshots_match_the_buffers_at_their_steps(flow):
     np.testing.assert_array_equal(recorded, want)
     # a histogram holds exactly what the input fake-quant saw at that step
     first = points.index[0]  # FX: activation_post_process_0, eager: quant.activation_post_process
-    h = tl.histogram(first, 16)
+    h = timeline_histogram(tl, first, 16)
     x, _ = batch(16)
     assert h.total == x.numel() and h.min == float(x.min()) and h.max == float(x.max())
 
@@ -176,8 +177,8 @@ def test_events_are_found_at_the_steps_they_happened(flow):
 # -- detectors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("flow", ["eager", "fx"])
 def test_oscillation_from_a_too_high_learning_rate_is_detected_a_sane_one_is_not(flow):
-    high = train(qat_model(flow), 40, lr=0.5).timeline().diagnose()
-    sane = train(qat_model(flow), 40, lr=0.01).timeline().diagnose()
+    high = diagnose(train(qat_model(flow), 40, lr=0.5).timeline())
+    sane = diagnose(train(qat_model(flow), 40, lr=0.01).timeline())
     assert not OSCILLATION & set(sane.detector), sane
     found = high[high.detector == "weight_oscillation"]
     assert {"stem_conv", "block_conv1", "block_conv2", "down_conv"} <= set(found.layer)
@@ -191,9 +192,9 @@ def test_scale_oscillation_is_detected():
     mapping = tq.get_default_qat_qconfig_mapping("x86").set_global(
         tq.QConfig(activation=act, weight=tq.default_fused_per_channel_wt_fake_quant))
     model = qat_model("fx", mapping)
-    steady = train(copy.deepcopy(model), 30).timeline().diagnose()
+    steady = diagnose(train(copy.deepcopy(model), 30).timeline())
     assert not OSCILLATION & set(steady.detector)
-    found = train(model, 30, scale_input=lambda s: 6.0 if s % 2 else 1.0).timeline().diagnose()
+    found = diagnose(train(model, 30, scale_input=lambda s: 6.0 if s % 2 else 1.0).timeline())
     scale = found[found.detector == "scale_oscillation"]
     assert scale.layer.tolist() == ["x"]  # BN in training mode renormalises what follows
 
@@ -202,7 +203,7 @@ def test_freezing_a_moving_range_then_saturation_and_bn():
     """Inputs growing 10% a step; observers disabled at step 30; BN never frozen."""
     tl = train(qat_model("eager"), 45, scale_input=lambda s: 1 + 0.1 * s,
                before_step=lambda m, s: s == 30 and m.apply(tq.disable_observer)).timeline()
-    found = tl.diagnose()
+    found = diagnose(tl)
     moving = found[(found.detector == "range_moving_at_freeze") & (found.layer == "quant")]
     assert moving.end.tolist() == [30] and "observer disabled at step 30" in moving.evidence.iloc[0]
     saturated = found[(found.detector == "saturation") & (found.layer == "quant")]
@@ -212,9 +213,9 @@ def test_freezing_a_moving_range_then_saturation_and_bn():
     assert bn.evidence.str.contains("never frozen").all()
     # BN frozen early enough: no finding; thresholds are the user's to change
     tl = train(qat_model("eager"), 20, before_step=lambda m, s: s == 10 and m.apply(freeze_bn_stats)).timeline()
-    assert "bn_not_frozen" not in set(tl.diagnose().detector)
-    assert "bn_not_frozen" in set(tl.diagnose(Thresholds(bn_late=0.4)).detector)
-    assert "saturation" not in set(train(qat_model("eager"), 20).timeline().diagnose().detector)
+    assert "bn_not_frozen" not in set(diagnose(tl).detector)
+    assert "bn_not_frozen" in set(diagnose(tl, Thresholds(bn_late=0.4)).detector)
+    assert "saturation" not in set(diagnose(train(qat_model("eager"), 20).timeline()).detector)
 
 
 def test_thresholds_are_validated_and_frozen():
@@ -225,7 +226,7 @@ def test_thresholds_are_validated_and_frozen():
     with pytest.raises(AttributeError):
         Thresholds().clip_share = 0.5  # type: ignore[misc]
     with pytest.raises(ConfigError, match="Thresholds"):
-        train(qat_model("fx"), 2).timeline().diagnose({"clip_share": 0.5})
+        diagnose(train(qat_model("fx"), 2).timeline(), {"clip_share": 0.5})
 
 
 # -- fake-quant vs int8, the session file --------------------------------------------------------
@@ -250,11 +251,11 @@ def test_from_qat_compares_fake_quant_with_int8_and_keeps_the_timeline(flow, tmp
     assert back.to_dataframe().equals(tl.to_dataframe())
     assert back.events == tl.events and back.scalars().equals(tl.scalars())
     name = back.points[0]["name"]
-    assert back.histogram(name, 10).to_arrays().keys() == tl.histogram(name, 10).to_arrays().keys()
-    np.testing.assert_array_equal(back.histogram(name, 10).counts, tl.histogram(name, 10).counts)
+    assert timeline_histogram(back, name, 10).to_arrays().keys() == timeline_histogram(tl, name, 10).to_arrays().keys()
+    np.testing.assert_array_equal(timeline_histogram(back, name, 10).counts, timeline_histogram(tl, name, 10).counts)
     assert loaded.to_dataframe().fq_vs_int8_sqnr.equals(df.fq_vs_int8_sqnr)
-    tl.save(tmp_path / "timeline.qviz")
-    assert Timeline.load(tmp_path / "timeline.qviz").to_dataframe().equals(tl.to_dataframe())
+    save_timeline(tl, tmp_path / "timeline.qviz")
+    assert load_timeline(tmp_path / "timeline.qviz").to_dataframe().equals(tl.to_dataframe())
     # files without a timeline (older, or plain sessions) load with None
     plain = qviz.Session(load_demo_model(), calibration_batches(1, 16), progress=False).run()
     plain.save(tmp_path / "plain.qviz")
@@ -271,7 +272,7 @@ def test_combining_ranks_by_hand():
     assert df.drop(columns="value").equals(once.drop(columns="value"))
     np.testing.assert_allclose(df.value, once.value)
     name = tl.points[0]["name"]
-    np.testing.assert_array_equal(both.histogram(name, 5).counts, 2 * tl.histogram(name, 5).counts)
+    np.testing.assert_array_equal(timeline_histogram(both, name, 5).counts, 2 * timeline_histogram(tl, name, 5).counts)
 
 
 # -- the model is left alone ---------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_storage_stays_bounded_over_10000_steps():
     assert tl.meta["steps"] == 10_000 and len(steps) <= c and len(hsteps) <= h
     assert steps[0] == 0 and steps[-1] >= 9_900 and (np.diff(steps) == tl.meta["snapshot_stride"]).all()
     assert hsteps[-1] >= 9_000 and (np.diff(hsteps) == tl.meta["histogram_stride"]).all()
-    assert tl.histogram(tl.points[1]["name"], int(hsteps[-1])).total == 2 * 4
+    assert timeline_histogram(tl, tl.points[1]["name"], int(hsteps[-1])).total == 2 * 4
     loss = tl.scalars().loss
     assert len(loss) <= 4096 and loss.index[-1] >= 9_990 and (loss.index == loss.to_numpy()).all()
 

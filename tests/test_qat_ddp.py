@@ -16,8 +16,9 @@ from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 
 import qviz
-from qviz.capture.qat import Timeline
+from qviz.capture.qat import timeline_histogram
 from qviz.demo import load_demo_model, load_digits_split
+from qviz.io.results_file import load_timeline, save_timeline
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -64,7 +65,7 @@ def worker(rank: int, port: int, out: str) -> None:
     try:
         ddp = nn.parallel.DistributedDataParallel(qat_model())
         rec = run(ddp, rank, WORLD)
-        written = rec.save(os.path.join(out, "timeline.qviz"))
+        written = save_timeline(rec.timeline(), os.path.join(out, "timeline.qviz"))
         with open(os.path.join(out, f"rank{rank}"), "w") as fh:
             fh.write(str(written))
     finally:
@@ -91,7 +92,7 @@ def test_two_ranks_combine_to_one_process_seeing_all_the_data(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(WORLD)] == ["True", "False"]
-    both = Timeline.load(tmp_path / "timeline.qviz")
+    both = load_timeline(tmp_path / "timeline.qviz")
     one = run(qat_model()).timeline()
     assert both.meta["world_size"] == 2 and both.meta["steps"] == one.meta["steps"] == STEPS
     assert both.arrays["steps"].tolist() == list(range(STEPS)) and both.events == one.events == []
@@ -104,7 +105,7 @@ def test_two_ranks_combine_to_one_process_seeing_all_the_data(tmp_path):
             np.testing.assert_array_equal(both.series(name, "scale")[1], one.series(name, "scale")[1])
             np.testing.assert_array_equal(both.series(name, "weight_int")[1], one.series(name, "weight_int")[1])
         for step in one.arrays["hist_steps"]:  # merged (activations) or rank 0's (weights): what one process saw
-            a, b = both.histogram(name, int(step)), one.histogram(name, int(step))
+            a, b = timeline_histogram(both, name, int(step)), timeline_histogram(one, name, int(step))
             assert (a.total, a.min, a.max) == (b.total, b.min, b.max), name
             width = max(a.width, b.width)
             assert on_grid(a, width) == on_grid(b, width), name

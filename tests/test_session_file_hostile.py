@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 import qviz
-from qviz.capture.qat import Timeline
 from qviz.cli import main
 from qviz.errors import ConfigError, SessionFileError
 from qviz.io import atomic
+from qviz.io.results_file import load_timeline, save_timeline
 from qviz.io.session_file import MAX_TOTAL_BYTES, read_session_file, write_session_file
 from qviz.report import build_report
 from qviz.ui.app import build_dashboard
@@ -341,16 +341,16 @@ def test_wrong_typed_timeline_and_sensitivity_refused_at_load(tmp_path):
     session.save(tmp_path / "qat.qviz")
     loaded = _assert_refused_or_renders(tmp_path / "qat.qviz", tmp_path, only=("timeline", "sensitivity"))
     assert all(w.endswith("= null") for w in loaded), loaded
-    # a Recorder.save() file, read by Timeline.load, is checked the same way
+    # a save_timeline() file, read by load_timeline, is checked the same way
     path = tmp_path / "timeline.qviz"
-    session.results.timeline.save(path)
+    save_timeline(session.results.timeline, path)
     with zipfile.ZipFile(path) as zf:
         doc = json.loads(zf.read("manifest.json"))
     refused = 0
     for where, manifest in _mutations(doc):
         _rewrite(path, tmp_path / "t.qviz", manifest)
         try:
-            timeline = Timeline.load(tmp_path / "t.qviz")
+            timeline = load_timeline(tmp_path / "t.qviz")
         except SessionFileError as exc:
             assert str(tmp_path / "t.qviz") in str(exc), (where, str(exc))
             refused += 1

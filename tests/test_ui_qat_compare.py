@@ -15,6 +15,8 @@ from bokeh.document import Document  # noqa: E402
 from pyviz_comms import Comm  # noqa: E402
 
 import qviz  # noqa: E402
+from qviz.analysis.qat_detectors import diagnose  # noqa: E402
+from qviz.capture.qat import timeline_histogram  # noqa: E402
 from qviz.cli import build_parser, demo_session, main  # noqa: E402
 from qviz.ui.app import Dashboard, build_app  # noqa: E402
 from qviz.ui.compare_view import CompareView, layer_differences, summary_differences  # noqa: E402
@@ -155,7 +157,7 @@ def test_heatmap_holds_the_histograms_over_steps(qat):
         np.testing.assert_allclose(np.nan_to_num(10**z), shares, rtol=1e-12)
         centers = np.asarray(heat.y)
         width = centers[1] - centers[0]
-        hists = [tl.histogram(point, s) for s in hsteps]
+        hists = [timeline_histogram(tl, point, s) for s in hsteps]
         assert centers[0] - width / 2 == pytest.approx(min(h.min for h in hists))
         assert centers[-1] + width / 2 == pytest.approx(max(h.max for h in hists))
         for j, h in enumerate(hists):  # same mass, same mean as the point's own histogram
@@ -181,7 +183,7 @@ def test_logged_scalars_and_findings(qat):
     for name in ("loss", "kd_loss"):
         assert list(traces[name].x) == list(range(STEPS))
         np.testing.assert_array_equal(traces[name].y, scalars[name].to_numpy())
-    found = tl.diagnose()
+    found = diagnose(tl)
     pd.testing.assert_frame_equal(
         view.findings.value, found[list(view.findings.value.columns)].reset_index(drop=True)
     )

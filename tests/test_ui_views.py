@@ -289,8 +289,8 @@ def test_display_bins_keep_every_count_and_split_at_cuts():
 
 
 def test_grid_keeps_at_most_64_lines_for_int8():
-    from qviz.capture.probes import PointRecord
     from qviz.capture.stats import ActivationStats
+    from qviz.results import PointRecord
 
     record = PointRecord("p", "l", "output", ActivationStats(bins=64),
                          {"quant_min": -128, "quant_max": 127}, {"scale": np.array([0.5]), "zero_point": np.array([3.0])})

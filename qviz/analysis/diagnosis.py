@@ -1,6 +1,6 @@
 """Diagnosis: why layers lose accuracy when quantized, and what to try, from plain results.
 
-:func:`diagnose` reads :class:`~qviz.io.results.Results` only (a loaded session file is enough)
+:func:`diagnose` reads :class:`~qviz.results.Results` only (a loaded session file is enough)
 and returns one row per finding: ``layer``, ``cause``, ``evidence`` (the numbers), ``fix``,
 ``severity`` ("high", "medium", "low"), sorted by severity, then sensitivity rank, then model order.
 
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from qviz.errors import ConfigError
+from qviz.results import output_record
 
 COLUMNS = ("layer", "cause", "evidence", "fix", "severity")
 SEVERITIES = ("high", "medium", "low")
@@ -87,7 +88,8 @@ def diagnose(results, sensitivity: pd.DataFrame | None = None,
             continue
         if flagged is not None:
             found.append(_sensitive_row(layer, sensitivity, results.summary.get("output_sqnr")))
-        point = _output_point(results, layer)
+        point = output_record(results.records, layer)
+        point = point if point is not None and point.role == "output" else None  # a static output range
         weight = results.records.get(f"{layer}.weight")
         absmax = None if weight is None else weight.arrays.get("channel_absmax")
         for finding in (_outliers(layer, point, row, t), _outlier_channels(layer, outliers, row),
@@ -143,10 +145,6 @@ def _sensitive_row(layer: str, frame: pd.DataFrame, model_sqnr: float | None) ->
         worse, better = ("weights", "output activation") if w < a else ("output activation", "weights")
         fix += f"; its {worse} cost more than its {better}"
     return _finding(layer, "sensitive", evidence, fix, "medium")
-
-
-def _output_point(results, layer: str):
-    return next((r for r in results.records.values() if r.layer == layer and r.role == "output"), None)
 
 
 def _outliers(layer, point, row, t: Thresholds) -> dict | None:

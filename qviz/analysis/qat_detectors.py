@@ -1,4 +1,4 @@
-"""Diagnose a QAT :class:`~qviz.capture.qat.Timeline`: what went wrong, where, when, and what to do.
+"""Diagnose a QAT :class:`~qviz.results.Timeline`: what went wrong, where, when, and what to do.
 
 Each detector reads the timeline only (no model) and yields rows: layer, point, detector, start and
 end step, evidence, fix, score (how far past its threshold, for sorting). Thresholds live in

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,22 +21,7 @@ from qviz.capture.stats import ActivationStats
 from qviz.errors import ModelError
 from qviz.flows.base import QuantPoint
 from qviz.flows.layers import is_fake_quant
-
-
-@dataclass
-class PointRecord:
-    """What one quantization point saw and ended with; plain data once :func:`describe` ran."""
-
-    name: str
-    layer: str
-    role: str
-    stats: ActivationStats
-    info: dict = field(default_factory=dict)  # observer, dtype, qscheme, quant_min/max, flags
-    arrays: dict = field(default_factory=dict)  # scale, zero_point, min_val, max_val (numpy)
-
-    @property
-    def per_channel(self) -> bool:
-        return np.asarray(self.arrays.get("scale", np.zeros(1))).size > 1
+from qviz.results import PointRecord
 
 
 def _sanitize(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -24,11 +24,12 @@ bytes and a per-tensor activation point 72 KB, however long training runs. :meth
 
 In a ``torch.distributed`` job every rank watches its own replica; :meth:`Recorder.timeline` is a
 collective that combines ranks (min of minima, max of maxima, merged activation histograms, mean
-scalars; scale, flags and weights from rank 0) and :meth:`Recorder.save` writes from rank 0 only. Hooks are removed
-when recording stops, whatever happens; the model is not otherwise modified.
+scalars; scale, flags and weights from rank 0); :func:`qviz.io.results_file.save_timeline` writes
+from rank 0 only. Hooks are removed when recording stops, whatever happens; the model is not
+otherwise modified.
 
-``Timeline.diagnose()`` runs :mod:`qviz.analysis.qat_detectors`; ``Session.from_qat(model, rec,
-calib)`` converts the QAT model and compares it with its fake-quantized self
+The :class:`~qviz.results.timeline.Timeline` is plain data; :func:`qviz.analysis.qat_detectors.diagnose`
+reads it (``diagnose(rec.timeline())``); ``Session.from_qat(model, rec, calib)`` converts the QAT model and compares it with its fake-quantized self
 (:func:`fake_quant_vs_int8`); :class:`QvizCallback` drives a recorder from a Lightning ``Trainer``.
 """
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -51,10 +51,8 @@ from qviz.flows.layers import is_fake_quant
 from qviz.flows.torch_ao.eager import EagerFlow
 from qviz.flows.torch_ao.fx import FxFlow, is_fx_prepared
 from qviz.flows.torchao.flow import fake_quantizer_range, is_torchao_fake_quantizer
-from qviz.io.session_file import read_session_file, write_session_file
+from qviz.results.timeline import HISTOGRAM_ARRAYS, QUANTITIES, Timeline
 
-_QUANTITIES = ("scale", "zero_point", "min", "max")
-_FLAGS = ("fake_quant_enabled", "observer_enabled")
 _STEP_BYTES = 8  # the shared step column, per row
 _NAN = torch.full((1,), math.nan)  # a min/max an observer does not have
 
@@ -173,7 +171,7 @@ class _Point:
 
     def allocate(self, values: list[np.ndarray], capacity: int) -> None:
         self.k = max(v.size for v in values[:4])
-        for q in _QUANTITIES:
+        for q in QUANTITIES:
             self.data[q] = np.full((capacity, self.k), np.nan, dtype=np.float32)
         self.data["flags"] = np.full((capacity, 2), -1, dtype=np.int8)
         if self.index is not None:
@@ -183,7 +181,7 @@ class _Point:
             self.data["weight_int"] = np.zeros((capacity, self.samples), dtype=np.int32 if wide else np.int16)
 
     def store(self, row: int, values: list[np.ndarray]) -> None:
-        for q, v in zip(_QUANTITIES, values, strict=False):
+        for q, v in zip(QUANTITIES, values, strict=False):
             self.data[q][row] = v if v.size == self.k else np.nan  # a buffer that changed shape
         if self.flag_tensors:
             self.data["flags"][row] = [values[4][0], values[5][0]]
@@ -469,14 +467,6 @@ class Recorder:
         torch.distributed.all_gather_object(gathered, local.to_arrays())
         return combine([Timeline.from_arrays(*g) for g in gathered])
 
-    def save(self, path) -> bool:
-        """Write the timeline to ``path`` from rank 0 (a collective: call it on every rank)."""
-        timeline = self.timeline()
-        if _dist()[0] != 0:
-            return False
-        timeline.save(path)
-        return True
-
 
 def _check_int(name: str, value, low: int, even: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (even and value % 2):
@@ -528,116 +518,6 @@ def _batchnorms(model: nn.Module) -> list[_BatchNorm]:
     return out
 
 
-@dataclass
-class Timeline:
-    """A QAT run as plain data: snapshots, histograms, events, scalars (see :func:`watch`)."""
-
-    meta: dict
-    points: list[dict]
-    arrays: dict[str, np.ndarray]
-    events: list[list]
-    scalar_names: list[str]
-    batchnorms: list[dict]
-
-    # -- frames --------------------------------------------------------------------------------
-    def to_dataframe(self) -> pd.DataFrame:
-        """Long form: step, layer, point, role, quantity, channel, value (clip_frac at histogram steps)."""
-        parts = []
-        steps, hsteps = self.arrays["steps"], self.arrays["hist_steps"]
-
-        def part(p, quantity, at, values):
-            s, k = values.shape
-            parts.append(pd.DataFrame({
-                "step": np.repeat(at, k), "layer": p["layer"], "point": p["name"], "role": p["role"],
-                "quantity": quantity, "channel": np.tile(np.arange(k), s), "value": values.reshape(-1).astype(np.float64)}))
-
-        for i, p in enumerate(self.points):
-            if f"{i}/scale" in self.arrays:
-                for q in _QUANTITIES:
-                    part(p, q, steps, self.arrays[f"{i}/{q}"])
-                if p["has_flags"]:
-                    for j, q in enumerate(_FLAGS):
-                        part(p, q, steps, self.arrays[f"{i}/flags"][:, j : j + 1])
-            if f"{i}/hist/clip_frac" in self.arrays:
-                part(p, "clip_frac", hsteps, self.arrays[f"{i}/hist/clip_frac"][:, None])
-        columns = ["step", "layer", "point", "role", "quantity", "channel", "value"]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-
-    def events_frame(self) -> pd.DataFrame:
-        """One row per event: step, layer, point, kind, detail."""
-        return pd.DataFrame(self.events, columns=["step", "layer", "point", "kind", "detail"])
-
-    def scalars(self) -> pd.DataFrame:
-        """Logged scalars, one column each, indexed by step."""
-        series = {name: pd.Series(self.arrays[f"scalars/{j}/values"], index=self.arrays[f"scalars/{j}/steps"])
-                  for j, name in enumerate(self.scalar_names)}
-        return pd.DataFrame(series).rename_axis("step")
-
-    def points_frame(self) -> pd.DataFrame:
-        """One row per point: layer, role, observer, dtype, qscheme, quant range, channels."""
-        return pd.DataFrame(self.points).set_index("name")
-
-    # -- arrays --------------------------------------------------------------------------------
-    def _index(self, point: str) -> int:
-        for i, p in enumerate(self.points):
-            if p["name"] == point:
-                return i
-        raise QvizError(f"no quantization point named {point!r}; see timeline.points_frame() for the names")
-
-    def series(self, point: str, quantity: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values): scale / zero_point / min / max (steps x channels), flags (steps x 2),
-        weight_int (steps x samples), or clip_frac (histogram steps)."""
-        i = self._index(point)
-        if quantity == "clip_frac":
-            return self.arrays["hist_steps"], self.arrays.get(f"{i}/hist/clip_frac", np.zeros(0))
-        key = f"{i}/{quantity}"
-        if key not in self.arrays:
-            return self.arrays["steps"][:0], np.zeros((0, 0))
-        return self.arrays["steps"], self.arrays[key]
-
-    def histogram(self, point: str, step: int) -> StreamingHistogram:
-        """The values ``point`` saw at histogram step ``step``."""
-        i, hsteps = self._index(point), self.arrays["hist_steps"]
-        rows = np.flatnonzero(hsteps == step)
-        if not rows.size or f"{i}/hist/counts" not in self.arrays:
-            raise QvizError(f"no histogram at step {step}; histogram steps: {hsteps.tolist()}")
-        return StreamingHistogram.from_arrays({k: self.arrays[f"{i}/hist/{k}"][rows[0]]
-                                               for k in ("counts", "lo", "width", "min", "max")})
-
-    def diagnose(self, thresholds=None) -> pd.DataFrame:
-        """Findings: layer, point, detector, start, end, evidence, fix (see qviz.analysis.qat_detectors)."""
-        from qviz.analysis.qat_detectors import diagnose
-
-        return diagnose(self, thresholds)
-
-    # -- files ---------------------------------------------------------------------------------
-    def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
-        manifest = {"meta": self.meta, "points": self.points, "events": self.events,
-                    "scalar_names": self.scalar_names, "batchnorms": self.batchnorms}
-        return manifest, dict(self.arrays)
-
-    @classmethod
-    def from_arrays(cls, manifest: dict, arrays: dict[str, np.ndarray]) -> Timeline:
-        return cls(meta=manifest["meta"], points=manifest["points"], arrays=dict(arrays),
-                   events=[list(e) for e in manifest["events"]], scalar_names=list(manifest["scalar_names"]),
-                   batchnorms=manifest["batchnorms"])
-
-    def save(self, path) -> None:
-        manifest, arrays = self.to_arrays()
-        write_session_file(path, {"qat_timeline": manifest}, arrays)
-
-    @classmethod
-    def load(cls, path, *, max_bytes: int | None = None) -> Timeline:
-        """Read a file of :meth:`Recorder.save` (checked as ``qviz.load`` checks session files)."""
-        from qviz.io.results import check_timeline  # the file format's checks live with its reader
-
-        manifest, arrays = read_session_file(path, max_bytes=max_bytes)
-        if "qat_timeline" not in manifest:
-            raise QvizError(f"{path} holds no QAT timeline: was it written by Recorder.save()?")
-        check_timeline(manifest["qat_timeline"], arrays, path)
-        return cls.from_arrays(manifest["qat_timeline"], arrays)
-
-
 def combine(timelines: list[Timeline]) -> Timeline:
     """One timeline from every rank's (rank 0 first): min of minima, max of maxima, merged activation
     histograms (clip share recomputed under rank 0's qparams), mean scalars; scale, flags and
@@ -666,7 +546,7 @@ def combine(timelines: list[Timeline]) -> Timeline:
         for row in range(len(hsteps)):
             merged = StreamingHistogram(first.meta["bins"])
             for t, r in zip(timelines, hrows, strict=True):
-                merged.merge(StreamingHistogram.from_arrays({k: t.arrays[f"{i}/hist/{k}"][r[row]] for k in ("counts", "lo", "width", "min", "max")}))
+                merged.merge(StreamingHistogram.from_arrays({k: t.arrays[f"{i}/hist/{k}"][r[row]] for k in HISTOGRAM_ARRAYS}))
             for k, v in merged.to_arrays().items():
                 arrays[f"{i}/hist/{k}"][row] = v
             scale, zp = arrays[f"{i}/hist/scale"][row], arrays[f"{i}/hist/zero_point"][row]
@@ -679,6 +559,11 @@ def combine(timelines: list[Timeline]) -> Timeline:
     meta = dict(first.meta, world_size=len(timelines), events_dropped=sum(t.meta["events_dropped"] for t in timelines))
     return Timeline(meta=meta, points=first.points, arrays=arrays, events=[list(e) for e in events],
                     scalar_names=first.scalar_names, batchnorms=first.batchnorms)
+
+
+def timeline_histogram(timeline: Timeline, point: str, step: int) -> StreamingHistogram:
+    """The values ``point`` saw at histogram step ``step`` of ``timeline``."""
+    return StreamingHistogram.from_arrays(timeline.histogram_arrays(point, step))
 
 
 def _common(arrays: list[np.ndarray]) -> np.ndarray:

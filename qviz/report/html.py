@@ -28,16 +28,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from qviz import __version__
 from qviz.analysis.diagnosis import diagnose
 from qviz.analysis.groups import linear_rows, worst_groups
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, LOADER, PAGE
+from qviz.results import output_record
 from qviz.ui import figures
 from qviz.ui.group_figure import group_heatmap
 from qviz.ui.outlier_figure import outlier_heatmap
+from qviz.version import __version__
 
 #: How many of the worst layers (by local_sqnr) get a histogram.
 WORST_LAYERS = 4
@@ -139,15 +140,6 @@ def _sensitivity_metric(results, frame: pd.DataFrame) -> str:
     meta = getattr(results, "meta", None) or {}
     return str(frame.attrs.get("metric") or getattr(results, "sensitivity_metric", None)
                or meta.get("sensitivity_metric") or "the metric")
-
-
-def _activation_record(results, layer: str):
-    """The layer's output activation point (the dashboard's choice: "output", else "dynamic")."""
-    for role in ("output", "dynamic"):
-        for record in results.records.values():
-            if record.layer == layer and record.role == role:
-                return record
-    return None
 
 
 def worst_layers(table: pd.DataFrame, n: int = WORST_LAYERS) -> list[str]:
@@ -280,7 +272,7 @@ def _histogram_section(results) -> str:
     parts = []
     for i, layer in enumerate(layers):
         row = table.loc[layer]
-        record = _activation_record(results, layer)
+        record = output_record(results.records, layer)
         fig = (figures.histogram_figure(record, layer) if record is not None else
                figures.message_figure(f"{layer}: output activation",
                                       "no activation point was recorded for this layer"))

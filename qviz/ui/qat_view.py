@@ -16,6 +16,8 @@ import panel as pn
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from qviz.analysis.qat_detectors import diagnose
+from qviz.capture.qat import timeline_histogram
 from qviz.errors import QvizError
 from qviz.ui import figures
 from qviz.ui.markup import md
@@ -209,7 +211,7 @@ def histogram_grid(timeline, point: str, bins: int = HEATMAP_BINS):
     hists = []
     for step in hsteps.tolist():
         try:
-            hists.append(timeline.histogram(point, step))
+            hists.append(timeline_histogram(timeline, point, step))
         except QvizError:  # no histograms for this point
             return None
     seen = [h for h in hists if h.total]
@@ -375,7 +377,7 @@ class QatView(_StateView):
                 if timeline is None
                 else self._guard(
                     "the QAT findings",
-                    timeline.diagnose,
+                    lambda: diagnose(timeline),
                     lambda: pd.DataFrame(columns=FINDING_COLUMNS),
                 )
             )

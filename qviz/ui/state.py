@@ -22,6 +22,7 @@ from qviz.analysis.groups import linear_rows
 from qviz.analysis.outliers import channel_matrix
 from qviz.errors import QvizError
 from qviz.options import OPTIONS, TORCH_DTYPES
+from qviz.results import output_record
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,9 @@ class DashboardState(param.Parameterized):
         return self._table.loc[layer]
 
     def activation_point(self, layer: str) -> str | None:
-        """Name of the layer's output activation point ("output", else "dynamic"); None if none."""
-        p = self._points
-        for role in ("output", "dynamic"):
-            hits = p.index[(p["layer"] == layer) & (p["role"] == role)]
-            if len(hits):
-                return hits[0]
-        return None
+        """Name of the layer's output activation point (see :func:`qviz.results.output_record`); None if none."""
+        record = output_record(self.session.results.records, layer)
+        return record.name if record is not None else None
 
     def weight_point(self, layer: str) -> str | None:
         """Name of the layer's weight point, None if it has none."""

@@ -19,6 +19,7 @@ from qviz.capture.stats import ActivationStats
 from qviz.errors import ConfigError
 from qviz.flows.torch_ao.qconfigs import to_qconfig
 from qviz.plan import LayerConfig
+from qviz.results import output_record
 
 _ACTIVATION_FIELDS = ("dtype", "activation", "percentile", "activation_symmetric", "reduce_range")
 
@@ -114,7 +115,8 @@ def rebuild_static_layer(name: str, config: LayerConfig, calibration) -> nn.Modu
     computed from the recorded statistics; a float layer re-quantizes its output with the
     calibrated qparams unless only a dequantize reads it."""
     reference, initial = calibration.reference.get_submodule(name), calibration.initial
-    record = next((r for r in calibration.records.values() if r.layer == name and r.role == "output"), None)
+    record = output_record(calibration.records, name)
+    record = record if record is not None and record.role == "output" else None  # a static scale to keep
     calibrated = record is not None and "scale" in initial.get(record.name, {})
     if config.dtype == "float" and (record is None or feeds_only_dequantize(calibration.quantized, name)):
         return build_layer(reference, config, calibration.backend, None)
