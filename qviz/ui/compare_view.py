@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
-import plotly.graph_objects as go
 from bokeh.models.widgets.tables import NumberFormatter
 
-from qviz.ui import figures
+from qviz.charts.compare import compare_depth_figure
+from qviz.charts.layout import message_figure
 from qviz.ui.markup import md
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
@@ -41,7 +41,6 @@ FIGURE_LABELS = {
     "size_bytes": "saved model (torch.save)",
     "float_size_bytes": "saved float model (torch.save)",
 }
-_COLORS = {"A": "#1f77b4", "B": "#ff7f0e"}
 
 
 def layer_differences(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -145,48 +144,6 @@ def _float(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def compare_depth_figure(diff: pd.DataFrame, selected=None) -> go.Figure:
-    """Output SQNR of A and B per layer along depth (x: layer names), the selected layer marked."""
-    layers = [str(n) for n in diff.index]
-    fig = go.Figure()
-    for side in ("A", "B"):
-        values = [
-            None if not np.isfinite(v) else float(v) for v in diff[f"output_sqnr_{side.lower()}"]
-        ]
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=values,
-                name=f"{side}: output SQNR",
-                mode="lines+markers",
-                line={"color": _COLORS[side]},
-                connectgaps=False,
-                hovertemplate="%{x}<br>" + side + " output SQNR %{y:.2f} dB<extra></extra>",
-            )
-        )
-    shapes = []
-    if selected in layers:
-        shapes.append(
-            {
-                "type": "line",
-                "xref": "x",
-                "x0": selected,
-                "x1": selected,
-                "yref": "paper",
-                "y0": 0,
-                "y1": 1,
-                "name": "selected",
-                "line": {"color": "#444", "width": 2, "dash": "dash"},
-            }
-        )
-    fig.update_layout(shapes=shapes, clickmode="event", hovermode="closest")
-    fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
-    fig.update_yaxes(title_text="output SQNR (dB)")
-    return figures.layout(
-        fig, "A vs B: output SQNR along depth (click a point to select its layer)"
-    )
 
 
 _TITLES = {
@@ -298,7 +255,7 @@ class CompareView(_StateView):
             self.depth.object = self._guard(
                 "the compare chart",
                 lambda: compare_depth_figure(self.table.value, layer),
-                lambda: figures.message_figure("A vs B", "could not draw this chart"),
+                lambda: message_figure("A vs B", "could not draw this chart"),
             )
 
     def _on_selection(self, event):
