@@ -19,9 +19,10 @@ from qviz.charts.sensitivity import sensitivity_figure
 from qviz.demo import demo_session
 from qviz.report.html import _depth_section
 from qviz.ui.app import build_dashboard
-from qviz.ui.compare_view import format_bytes, session_name, summary_differences, summary_table
+from qviz.ui.compare_view import format_bytes, summary_differences, summary_table
 from qviz.ui.qat_view import layer_events
 from qviz.ui.sensitivity_view import PAIRS
+from qviz.ui.state import session_name
 from tests.qat_session import qat_session
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),

@@ -9,8 +9,6 @@ they live in memory.
 from __future__ import annotations
 
 import math
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +19,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 from qviz.charts.compare import compare_depth_figure
 from qviz.charts.layout import message_figure
 from qviz.ui.markup import md
+from qviz.ui.state import session_meta, session_name
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
 SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
@@ -124,21 +123,6 @@ _SHOW = {
 }
 
 
-def session_name(session) -> str:
-    """What the compare view calls a session: its file's name when loaded from one, else (in
-    memory) its flow and backend and the dtypes of its plan."""
-    source = getattr(session, "source", None)
-    if source is not None:
-        return Path(source).name
-    meta = getattr(getattr(session, "results", None), "meta", None) or {}
-    name = ", ".join(["in memory", *(f"{meta[k]} {k}" for k in ("flow", "backend") if meta.get(k))])
-    plan = getattr(session, "plan", None)
-    if plan:
-        counts = Counter(config.dtype for config in plan.values()).most_common()
-        name += ", plan " + " + ".join(f"{n} {dtype}" for dtype, n in counts)
-    return name
-
-
 def _float(v) -> float:
     try:
         return float(v)
@@ -225,14 +209,14 @@ class CompareView(_StateView):
         a, b = self.state.table, self.other.to_dataframe()
         with pn.io.hold():
             self.table.value = layer_differences(a, b)
-            names = {"A": session_name(self.state.session), "B": session_name(self.other)}
+            names = {"A": self.state.session_label(), "B": session_name(self.other)}
             self.figures.titles = {side: f"{side}: {name}" for side, name in names.items()}
             self.figures.value = summary_table(
                 summary_differences(self.state.summary, self.other.summary())
             )
             self.header.object = (
-                f"**A**: {md(names['A'])}, this session ({_describe(self.state.session)}) · "
-                f"**B**: {md(names['B'])}, the compared session ({_describe(self.other)})"
+                f"**A**: {md(names['A'])}, this session ({_describe(len(a), self.state.meta())}) · "
+                f"**B**: {md(names['B'])}, the compared session ({_describe(len(b), session_meta(self.other))})"
             )
             only = self.table.value["in"]
             parts = [
@@ -290,8 +274,7 @@ class CompareView(_StateView):
         )
 
 
-def _describe(session) -> str:
-    meta = getattr(getattr(session, "results", None), "meta", None) or {}
-    parts = [f"{len(session.to_dataframe())} layers"]
+def _describe(layers: int, meta: dict) -> str:
+    parts = [f"{layers} layers"]
     parts += [f"{k} {meta[k]}" for k in ("flow", "backend") if meta.get(k)]
     return md(", ".join(parts))

@@ -113,7 +113,7 @@ class ParetoView(_StateView):
         def callback(tried, most):
             ui(self.progress.update, tried, most)
 
-        return self.state.session.search(target_sqnr=target, callback=callback)
+        return self.state.search(target, callback)
 
     def _done(self, result: SearchResult, target: float) -> None:
         self.state.refresh()  # every candidate was a real apply: re-read the plan in force

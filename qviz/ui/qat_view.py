@@ -35,11 +35,6 @@ FINDING_COLUMNS = ["layer", "point", "detector", "start", "end", "evidence", "fi
 _ROLE_ORDER = {"output": 0, "input": 1, "weight": 2}
 
 
-def timeline_of(session):
-    """The session's QAT timeline (``results.timeline``), None when it has none."""
-    return getattr(getattr(session, "results", None), "timeline", None)
-
-
 def layer_points(timeline, layer) -> list[dict]:
     """The timeline's points of ``layer``: output activation first, then input, then weight."""
     found = [p for p in timeline.points if p["layer"] == layer]
@@ -104,7 +99,7 @@ class QatView(_StateView):
 
     # -- reacting to the state ---------------------------------------------------------------------
     def _on_version(self, *_):
-        timeline = timeline_of(self.state.session)
+        timeline = self.state.timeline()
         if timeline is not self._timeline:
             self._timeline = timeline
             self._diagnosis = (

@@ -169,7 +169,7 @@ class SensitivityView(_StateView):
         def callback(done, total):
             ui(self.progress.update, done, total)
 
-        return self.state.session.sensitivity(progress=False, callback=callback)
+        return self.state.sweep(callback)
 
     def _done(self, result) -> None:
         frame = result.frame

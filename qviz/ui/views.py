@@ -151,7 +151,7 @@ class SummaryView(_StateView):
             latency, float_latency = _number(s.get("latency_ms")), _number(s.get("float_latency_ms"))
             self.speedup.visible = math.isfinite(latency) and math.isfinite(float_latency)
             self.speedup.value = float_latency / latency if self.speedup.visible else math.nan
-            meta = getattr(getattr(self.state.session, "results", None), "meta", {}) or {}
+            meta = self.state.meta()
             parts = [f"{len(self.state.layers)} layers"]
             if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
                 parts.append(f"weights {size / 1000:.1f} kB at their dtypes' widths "
@@ -447,7 +447,7 @@ class ConfigEditor(_StateView):
             widget.disabled = field not in editable
             if editable.get(field):
                 widget.options = _options(field, editable[field])
-        flow = getattr(getattr(self.state.session, "flow", None), "name", "this flow")
+        flow = self.state.meta().get("flow", "this flow")
         self.flow_note.object = md(f"flow {flow}: only {', '.join(editable)} apply here; other options "
                                    "need a session of your own quantizer or flow")
 
