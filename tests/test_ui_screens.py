@@ -7,6 +7,8 @@ the QAT heat map's columns, and the report's labelled guide lines."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +158,21 @@ def test_report_guide_lines_are_labelled_and_drawn_over_the_grid(demo):
     labels = {a.y: a.text for a in fig.layout.annotations if a.name == "threshold"}
     assert labels == {RED_DB: f"{RED_DB:g} dB", AMBER_DB: f"{AMBER_DB:g} dB"}
     assert f"{AMBER_DB:g} dB" in _depth_section(demo.to_dataframe())
+
+
+def test_charts_import_neither_panel_nor_the_ui_nor_the_report():
+    code = ("import pkgutil, importlib, sys, qviz.charts\n"
+            "for m in pkgutil.iter_modules(qviz.charts.__path__): importlib.import_module('qviz.charts.' + m.name)\n"
+            "bad = [m for m in sys.modules if m == 'panel' or m.startswith(('qviz.ui', 'qviz.report'))]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_sensitivity_figure_outlines_the_selected_layer_in_either_reading(live):
+    frame = live.sensitivity(progress=False).frame
+    layer = str(frame.sort_values("rank").index[1])
+    for variants in (None, *PAIRS.values()):
+        fig = sensitivity_figure(frame, variants, selected=layer)
+        for bars in fig.data:
+            assert list(bars.marker.line.width) == [3 if n == layer else 0 for n in bars.y]
+        assert fig.layout.yaxis.autorange == "reversed" and fig.layout.title.text.startswith("Sensitivity ranking")
