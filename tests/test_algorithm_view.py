@@ -9,7 +9,8 @@ from test_algorithms import _hadamard
 from torch import nn
 
 import qviz
-from qviz.ui.algorithm_view import DID_NOTHING, AlgorithmView
+from qviz.charts.algorithms import DID_NOTHING
+from qviz.ui.algorithm_view import AlgorithmView
 from qviz.ui.app import build_dashboard
 from qviz.ui.state import DashboardState
 from qviz.ui.views import select

@@ -272,7 +272,7 @@ def test_a_group_is_ringed_for_its_members_and_a_click_selects_its_worst(state, 
 
 
 def test_the_figure_colours_by_the_chosen_figure_with_distinct_adds_and_cats(state):
-    from qviz.ui.graph_view import graph_figure
+    from qviz.charts.graph import graph_figure
 
     graph = state.graph()
     fig = graph_figure(graph, "clip_frac", "stem")

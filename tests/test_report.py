@@ -20,6 +20,9 @@ from plotly.offline import get_plotlyjs
 
 import qviz
 from qviz.analysis.diagnosis import diagnose
+from qviz.charts.layers import depth_figure
+from qviz.charts.layout import AMBER_DB, RED_DB
+from qviz.charts.sensitivity import sensitivity_figure
 from qviz.cli import demo_session, main
 from qviz.demo import calibration_batches, load_demo_model
 from qviz.report import build_report, write_report
@@ -27,10 +30,8 @@ from qviz.report.html import (
     SENSITIVITY_COLUMNS,
     format_number,
     frame_table,
-    sensitivity_figure,
     worst_layers,
 )
-from qviz.ui.figures import AMBER_DB, RED_DB, depth_figure
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -162,7 +163,7 @@ def test_report_is_one_self_contained_file(demo, report):
 
 def test_ranking_bars_start_at_zero_and_are_noise_shares(demo):
     sweep = demo[2]
-    fig = sensitivity_figure(sweep, "output_sqnr")
+    fig = sensitivity_figure(sweep, metric="output_sqnr")
     (bar,) = fig.data
     assert bar.base is None  # plotly's default: every bar starts at 0
     ranked = sweep.sort_values("rank")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import qviz
+from qviz.charts.layout import AMBER_DB, RED_DB
 from qviz.cli import demo_session
-from qviz.ui.figures import AMBER_DB, RED_DB
 from qviz.ui.serve import session_factory
 from tests.browser import BROWSER_MARKS, expect, serve_recording
 from tests.qat_session import qat_session

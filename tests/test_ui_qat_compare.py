@@ -357,7 +357,7 @@ def test_app_for_gives_each_browser_session_its_own_dashboard_over_one_loaded_fi
     factory, compare = session_factory(qat_file), session_factory(ptq_file)
     one, two = (app_for(factory, compare).dashboard for _ in range(2))
     assert one.state is not two.state and one.compare is not None and one.compare is not two.compare
-    assert one.state.session is two.state.session and one.compare.other is two.compare.other  # loaded once
+    assert one.state._session is two.state._session and one.compare.other is two.compare.other  # loaded once
     one.state.selected_layer = "fc1"
     assert two.state.selected_layer != "fc1"  # what one visitor selects is theirs
     assert "Compare" in _tab_names(one) and one.qat.timeline is not None

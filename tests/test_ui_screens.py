@@ -7,19 +7,24 @@ the QAT heat map's columns, and the report's labelled guide lines."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import qviz
+from qviz.charts.layers import depth_figure, view_range, weight_scale_figure
+from qviz.charts.layout import AMBER_DB, RED_DB
+from qviz.charts.qat import heatmap_columns, heatmap_figure
+from qviz.charts.sensitivity import sensitivity_figure
 from qviz.demo import demo_session
-from qviz.report.html import _depth_section, _label_guides
-from qviz.ui import figures
+from qviz.report.html import _depth_section
 from qviz.ui.app import build_dashboard
-from qviz.ui.compare_view import format_bytes, session_name, summary_differences, summary_table
-from qviz.ui.figures import AMBER_DB, RED_DB, depth_figure
-from qviz.ui.qat_view import heatmap_columns, heatmap_figure, layer_events
-from qviz.ui.sensitivity_view import PAIRS, sensitivity_figure
+from qviz.ui.compare_view import format_bytes, summary_differences, summary_table
+from qviz.ui.qat_view import layer_events
+from qviz.ui.sensitivity_view import PAIRS
+from qviz.ui.state import session_name
 from tests.qat_session import qat_session
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -82,7 +87,7 @@ def test_sensitivity_legend_sits_inside_the_figure(live):
 def test_per_tensor_weights_draw_each_channel_against_the_one_scale():
     s = demo_session(progress=False).apply({"fc2": {"weight": "per_tensor"}})
     record = s.record("fc2.weight")
-    fig = figures.weight_scale_figure(record, "fc2")
+    fig = weight_scale_figure(record, "fc2")
     bars, line = fig.data
     weight = s.float_model().get_submodule("fc2").weight.detach().abs().amax(1).double().numpy()
     np.testing.assert_allclose(bars.y, weight / 127, rtol=1e-6)
@@ -90,8 +95,8 @@ def test_per_tensor_weights_draw_each_channel_against_the_one_scale():
 
 
 def test_histogram_view_stays_near_the_data():
-    assert figures.view_range(0.0, 1.0, (-10.0, 10.0)) == pytest.approx([-0.05, 1.05])  # far range: data only
-    lo, hi = figures.view_range(0.0, 1.0, (-0.2, 1.1))
+    assert view_range(0.0, 1.0, (-10.0, 10.0)) == pytest.approx([-0.05, 1.05])  # far range: data only
+    lo, hi = view_range(0.0, 1.0, (-0.2, 1.1))
     assert lo < -0.2 and hi > 1.1  # a near range is shown whole
 
 
@@ -146,10 +151,28 @@ def test_heat_map_columns_are_centred_on_their_steps_and_leave_the_gaps_empty():
 
 
 def test_report_guide_lines_are_labelled_and_drawn_over_the_grid(demo):
-    fig = _label_guides(depth_figure(demo.to_dataframe()))
+    fig = depth_figure(demo.to_dataframe(), static=True)
     guides = [s for s in fig.layout.shapes if s.name == "threshold"]
     assert sorted(s.y0 for s in guides) == [RED_DB, AMBER_DB]
     assert all(s.layer == "above" and s.line.width >= 2 and s.line.dash == "dash" for s in guides)
     labels = {a.y: a.text for a in fig.layout.annotations if a.name == "threshold"}
     assert labels == {RED_DB: f"{RED_DB:g} dB", AMBER_DB: f"{AMBER_DB:g} dB"}
     assert f"{AMBER_DB:g} dB" in _depth_section(demo.to_dataframe())
+
+
+def test_charts_import_neither_panel_nor_the_ui_nor_the_report():
+    code = ("import pkgutil, importlib, sys, qviz.charts\n"
+            "for m in pkgutil.iter_modules(qviz.charts.__path__): importlib.import_module('qviz.charts.' + m.name)\n"
+            "bad = [m for m in sys.modules if m == 'panel' or m.startswith(('qviz.ui', 'qviz.report'))]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_sensitivity_figure_outlines_the_selected_layer_in_either_reading(live):
+    frame = live.sensitivity(progress=False).frame
+    layer = str(frame.sort_values("rank").index[1])
+    for variants in (None, *PAIRS.values()):
+        fig = sensitivity_figure(frame, variants, selected=layer)
+        for bars in fig.data:
+            assert list(bars.marker.line.width) == [3 if n == layer else 0 for n in bars.y]
+        assert fig.layout.yaxis.autorange == "reversed" and fig.layout.title.text.startswith("Sensitivity ranking")

@@ -22,10 +22,11 @@ from bokeh.document import Document  # noqa: E402
 from pyviz_comms import Comm  # noqa: E402
 
 import qviz  # noqa: E402
+from qviz.charts.layers import MAX_BARS, MAX_GRID_LINES, display_bins, grid_levels, quant_range  # noqa: E402
+from qviz.charts.layout import sqnr_color  # noqa: E402
 from qviz.cli import build_parser, demo_session, main  # noqa: E402
 from qviz.errors import ConfigError, SessionFileError  # noqa: E402
 from qviz.session import Session  # noqa: E402
-from qviz.ui import figures  # noqa: E402
 from qviz.ui.app import Dashboard, build_app, build_dashboard  # noqa: E402
 from qviz.ui.markup import md  # noqa: E402
 from qviz.ui.serve import (  # noqa: E402
@@ -121,7 +122,7 @@ def test_summary_numbers_equal_the_session(session, state):
     model = _model(view)
     texts = [m.text for m in model.select({"type": pn.models.markup.HTML})]  # Number renders as HTML
     assert any(f"{s['output_sqnr']:.2f} dB" in t for t in texts)
-    expected = figures.sqnr_color(s["output_sqnr"])
+    expected = sqnr_color(s["output_sqnr"])
     assert any(expected in t for t in texts)  # coloured by the 20/30 dB thresholds
 
 
@@ -214,7 +215,7 @@ def test_histogram_bars_range_and_grid_equal_the_point(session, state):
         assert layer in fig.layout.title.text
         inside, clipped = fig.data
         assert (inside.name, clipped.name) == ("in range", "clipped")
-        assert len(inside.x) + len(clipped.x) <= figures.MAX_BARS + 2  # +2: bars split at the limits
+        assert len(inside.x) + len(clipped.x) <= MAX_BARS + 2  # +2: bars split at the limits
         hist = record.stats.histogram
         assert np.sum(inside.y) + np.sum(clipped.y) == pytest.approx(hist.total)
         s = float(record.arrays["scale"][0])
@@ -224,7 +225,7 @@ def test_histogram_bars_range_and_grid_equal_the_point(session, state):
         assert (band.x0, band.x1) == pytest.approx((lo, hi))
         grid = np.array([sh.x0 for sh in fig.layout.shapes if sh.name == "grid"])
         levels = record.info["quant_max"] - record.info["quant_min"] + 1
-        k = math.ceil(levels / figures.MAX_GRID_LINES)
+        k = math.ceil(levels / MAX_GRID_LINES)
         assert len(grid) == len(range(record.info["quant_min"], record.info["quant_max"] + 1, k))
         np.testing.assert_allclose(np.diff(grid), k * s)
         assert (grid[0] - lo) == pytest.approx(0, abs=1e-12)
@@ -276,15 +277,15 @@ def test_display_bins_keep_every_count_and_split_at_cuts():
 
     hist = StreamingHistogram(2048)
     hist.update(torch.from_numpy(rng.normal(size=50_000).astype(np.float32)))
-    counts, edges = figures.display_bins(hist.counts, hist.edges, max_bars=100)
+    counts, edges = display_bins(hist.counts, hist.edges, max_bars=100)
     assert len(counts) <= 100 and len(edges) == len(counts) + 1
     assert counts.sum() == hist.total and np.all(np.diff(edges) > 0)
     assert set(np.round(edges / hist.width, 9)) <= set(np.round(hist.edges / hist.width, 9))  # merged, not moved
-    counts, edges = figures.display_bins(hist.counts, hist.edges, max_bars=100, cuts=(-1.2345, 2.5))
+    counts, edges = display_bins(hist.counts, hist.edges, max_bars=100, cuts=(-1.2345, 2.5))
     assert -1.2345 in edges and 2.5 in edges and counts.sum() == pytest.approx(hist.total)
     below = counts[edges[1:] <= -1.2345].sum()
     assert below / hist.total == pytest.approx(hist.fraction_outside(-1.2345, np.inf), abs=1e-12)
-    empty_counts, _ = figures.display_bins(np.zeros(8, dtype=np.int64), np.arange(9.0))
+    empty_counts, _ = display_bins(np.zeros(8, dtype=np.int64), np.arange(9.0))
     assert empty_counts.size == 0
 
 
@@ -294,9 +295,9 @@ def test_grid_keeps_at_most_64_lines_for_int8():
 
     record = PointRecord("p", "l", "output", ActivationStats(bins=64),
                          {"quant_min": -128, "quant_max": 127}, {"scale": np.array([0.5]), "zero_point": np.array([3.0])})
-    grid = figures.grid_levels(record)
+    grid = grid_levels(record)
     assert len(grid) == 64 and grid[0] == (-128 - 3) * 0.5 and np.allclose(np.diff(grid), 4 * 0.5)
-    assert figures.quant_range(record) == ((-128 - 3) * 0.5, (127 - 3) * 0.5)
+    assert quant_range(record) == ((-128 - 3) * 0.5, (127 - 3) * 0.5)
 
 
 # -- errors --------------------------------------------------------------------------------------

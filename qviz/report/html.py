@@ -31,13 +31,15 @@ from plotly.offline import get_plotlyjs
 from qviz.analysis.diagnosis import diagnose
 from qviz.analysis.groups import linear_rows, worst_groups
 from qviz.analysis.outliers import channel_matrix
+from qviz.charts.groups import group_heatmap
+from qviz.charts.layers import depth_figure, histogram_figure
+from qviz.charts.layout import AMBER_DB, RED_DB, message_figure, sqnr_color
+from qviz.charts.outliers import outlier_heatmap
+from qviz.charts.sensitivity import sensitivity_figure
 from qviz.errors import QvizError
 from qviz.io.atomic import atomic_write, check_target
 from qviz.report.template import CSS, LOADER, PAGE
 from qviz.results import output_record
-from qviz.ui import figures
-from qviz.ui.group_figure import group_heatmap
-from qviz.ui.outlier_figure import outlier_heatmap
 from qviz.version import __version__
 
 #: How many of the worst layers (by local_sqnr) get a histogram.
@@ -91,7 +93,7 @@ def frame_table(frame: pd.DataFrame, *, table_id: str, caption: str = "",
     for key, row in zip(frame.index, frame.itertuples(index=False), strict=True):
         cells = [f'<th scope="row">{_e(key)}</th>'] if index else []
         for column, value in zip(frame.columns, row, strict=True):
-            color = figures.sqnr_color(float(value)) if column in sqnr_columns and _is_real(value) else None
+            color = sqnr_color(float(value)) if column in sqnr_columns and _is_real(value) else None
             cells.append(_cell(value, color))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
@@ -188,35 +190,6 @@ def _summary_section(results) -> str:
             f'<table class="summary" id="summary-table"><tbody>{body}</tbody></table></div></section>')
 
 
-def sensitivity_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
-    """Horizontal bars from 0 per layer, most sensitive on top, so a bar's length is what the
-    layer costs. For output_sqnr (sensitivity = -SQNR in dB with the layer alone quantized) the
-    bar is the output noise the layer alone adds, in % of the output's power: noise powers add
-    up, so bars compare as shares of the total; other metrics show their drop as it is."""
-    ordered = frame.sort_values("rank", kind="stable") if "rank" in frame else frame
-    layers = [str(i) for i in ordered.index]
-    values = np.array([v if _is_real(v) else math.nan for v in ordered["sensitivity"]], dtype=float)
-    noise = metric == "output_sqnr"
-    bars = 100 * 10 ** (values / 10) if noise else values
-    extra = [c for c in ("quantize_only", "skip_only", "weight_only", "activation_only") if c in ordered]
-    first = "output noise %{x:.3g}% of its power" if noise else "sensitivity %{customdata[0]:.4g}"
-    hover = "%{y}<br>" + first + "".join(
-        f"<br>{c.replace('_', ' ')} %{{customdata[{i + 1}]:.4g}}" for i, c in enumerate(extra))
-    custom = np.column_stack([values, *(ordered[c].to_numpy(dtype=float) for c in extra)])
-    fig = go.Figure(go.Bar(
-        x=[None if not math.isfinite(v) else float(v) for v in bars], y=layers, orientation="h",
-        name="sensitivity", marker={"color": figures.RED}, customdata=custom,
-        hovertemplate=hover + "<extra></extra>"))
-    fig.update_yaxes(type="category", autorange="reversed")
-    fig.update_xaxes(title_text="output noise the layer alone adds (% of the output's power)" if noise
-                     else f"sensitivity ({metric}): what the layer alone costs", rangemode="tozero")
-    fig.update_layout(title={"text": f"Sensitivity ranking ({metric}), most sensitive first", "x": 0.01,
-                             "font": {"size": 14}},
-                      height=max(260, 90 + 24 * len(layers)), template=figures.TEMPLATE,
-                      margin={"l": 140, "r": 15, "t": 40, "b": 45})
-    return fig
-
-
 def _sensitivity_section(frame: pd.DataFrame | None, metric: str) -> str:
     head = '<section id="sensitivity"><h2>Sensitivity</h2>'
     if frame is None:
@@ -233,30 +206,17 @@ def _sensitivity_section(frame: pd.DataFrame | None, metric: str) -> str:
         "this layer quantized; skip_only, the quantized model with only this layer left float; "
         "weight_only and activation_only, the float model with only this layer's weight or "
         f"output activation quantized. sensitivity = {how}.")
-    return (head + explain + _figure(sensitivity_figure(frame, metric), "qviz-sensitivity")
+    return (head + explain + _figure(sensitivity_figure(frame, metric=metric), "qviz-sensitivity")
             + frame_table(frame[columns], table_id="sensitivity-table",
                           caption=f"the sweep, metric: {metric}; most sensitive first") + "</section>")
 
 
-def _label_guides(fig: go.Figure) -> go.Figure:
-    """The depth chart's guide lines drawn over the grid, dashed and 2 px wide, each labelled with
-    its dB at the right end: the app's faint dotted lines vanish in a report (on paper above all)."""
-    fig.update_shapes(selector={"name": "threshold"}, layer="above", line_width=2, line_dash="dash")
-    for shape in fig.layout.shapes:
-        if shape.name == "threshold":
-            fig.add_annotation(x=1, xref="paper", xanchor="right", y=shape.y0, yref="y", yanchor="bottom",
-                               text=f"{shape.y0:g} dB", showarrow=False, name="threshold",
-                               font={"size": 11, "color": shape.line.color})
-    return fig
-
-
 def _depth_section(table: pd.DataFrame) -> str:
-    fig = _label_guides(figures.depth_figure(table))
-    fig.update_layout(title_text="Own error (local SQNR) and accumulated error (output SQNR) along depth")
+    fig = depth_figure(table, static=True)
     return ('<section id="depth"><h2>Error along depth</h2>'
             + _note("local SQNR: the layer's own error, fed the quantized model's input; output "
                     "SQNR: the error accumulated up to that layer. Dashed guide lines at "
-                    f"{figures.RED_DB:g} dB (red below) and {figures.AMBER_DB:g} dB (amber below).")
+                    f"{RED_DB:g} dB (red below) and {AMBER_DB:g} dB (amber below).")
             + _figure(fig, "qviz-depth") + "</section>")
 
 
@@ -273,8 +233,8 @@ def _histogram_section(results) -> str:
     for i, layer in enumerate(layers):
         row = table.loc[layer]
         record = output_record(results.records, layer)
-        fig = (figures.histogram_figure(record, layer) if record is not None else
-               figures.message_figure(f"{layer}: output activation",
+        fig = (histogram_figure(record, layer) if record is not None else
+               message_figure(f"{layer}: output activation",
                                       "no activation point was recorded for this layer"))
         parts.append(f"<h3>{i + 1}. {_e(layer)} · local SQNR {float(row['local_sqnr']):.2f} dB, "
                      f"output SQNR {float(row['output_sqnr']):.2f} dB</h3>"

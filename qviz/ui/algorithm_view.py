@@ -14,41 +14,19 @@ import threading
 import pandas as pd
 import panel as pn
 import param
-import plotly.graph_objects as go
 from bokeh.models.widgets.tables import NumberFormatter
 
-from qviz.ui import figures
+from qviz.charts.algorithms import gain_figure
 from qviz.ui.markup import md
 from qviz.ui.progress import ui_caller
 from qviz.ui.views import _StateView
 
 TASK = "algorithm comparison"
-DID_NOTHING = "did nothing"
 EXPLAIN = (
     "Each algorithm quantizes the selected linear layer's weight on its own, from its inputs over the "
     "calibration batches: **sqnr** is the layer's output (float input, quantized weight) against its float "
     "output, **gain** that minus round-to-nearest's, **model sqnr** the model's output with only this layer "
     "changed. An algorithm whose weight and error are RTN's *did nothing*: its bar says so.")
-
-
-def gain_figure(frame: pd.DataFrame, layer: str) -> go.Figure:
-    """Bars of ``gain_vs_rtn_db`` per algorithm (RTN, the baseline, left out), "did nothing"
-    written on the bars of the algorithms that equal RTN."""
-    rows = frame[frame.algorithm != "rtn"]
-    gains = rows.gain_vs_rtn_db.astype(float)
-    colors = [figures.AMBER if n else (figures.GREEN if g > 0 else figures.RED)
-              for g, n in zip(gains, rows.did_nothing, strict=True)]
-    text = [DID_NOTHING if n else f"{g:+.2f} dB" for g, n in zip(gains, rows.did_nothing, strict=True)]
-    fig = go.Figure(go.Bar(x=list(rows.algorithm), y=list(gains), marker_color=colors, text=text,
-                           textposition="outside", cliponaxis=False,
-                           customdata=list(rows.note), hovertemplate="%{x}: %{y:+.3f} dB<br>%{customdata}<extra></extra>"))
-    fig.update_layout(title=dict(text=f"Gain in layer output SQNR over RTN: {layer}", x=0.01),
-                      yaxis_title="dB vs RTN", height=320, margin=dict(l=60, r=20, t=50, b=40),
-                      plot_bgcolor="white")
-    span = max(1.0, float(gains.abs().max()) if len(gains) else 1.0)
-    fig.update_yaxes(range=[min(-0.3 * span, float(gains.min()) * 1.3 if len(gains) else 0), span * 1.3],
-                     zeroline=True, zerolinecolor="#888", gridcolor="#eee")
-    return fig
 
 
 class AlgorithmView(_StateView):

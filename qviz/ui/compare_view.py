@@ -9,18 +9,17 @@ they live in memory.
 from __future__ import annotations
 
 import math
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import panel as pn
 import param
-import plotly.graph_objects as go
 from bokeh.models.widgets.tables import NumberFormatter
 
-from qviz.ui import figures
+from qviz.charts.compare import compare_depth_figure
+from qviz.charts.layout import message_figure
 from qviz.ui.markup import md
+from qviz.ui.state import session_meta, session_name
 from qviz.ui.views import _PLOTLY_CONFIG, _StateView, select
 
 SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
@@ -41,7 +40,6 @@ FIGURE_LABELS = {
     "size_bytes": "saved model (torch.save)",
     "float_size_bytes": "saved float model (torch.save)",
 }
-_COLORS = {"A": "#1f77b4", "B": "#ff7f0e"}
 
 
 def layer_differences(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -125,68 +123,11 @@ _SHOW = {
 }
 
 
-def session_name(session) -> str:
-    """What the compare view calls a session: its file's name when loaded from one, else (in
-    memory) its flow and backend and the dtypes of its plan."""
-    source = getattr(session, "source", None)
-    if source is not None:
-        return Path(source).name
-    meta = getattr(getattr(session, "results", None), "meta", None) or {}
-    name = ", ".join(["in memory", *(f"{meta[k]} {k}" for k in ("flow", "backend") if meta.get(k))])
-    plan = getattr(session, "plan", None)
-    if plan:
-        counts = Counter(config.dtype for config in plan.values()).most_common()
-        name += ", plan " + " + ".join(f"{n} {dtype}" for dtype, n in counts)
-    return name
-
-
 def _float(v) -> float:
     try:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def compare_depth_figure(diff: pd.DataFrame, selected=None) -> go.Figure:
-    """Output SQNR of A and B per layer along depth (x: layer names), the selected layer marked."""
-    layers = [str(n) for n in diff.index]
-    fig = go.Figure()
-    for side in ("A", "B"):
-        values = [
-            None if not np.isfinite(v) else float(v) for v in diff[f"output_sqnr_{side.lower()}"]
-        ]
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=values,
-                name=f"{side}: output SQNR",
-                mode="lines+markers",
-                line={"color": _COLORS[side]},
-                connectgaps=False,
-                hovertemplate="%{x}<br>" + side + " output SQNR %{y:.2f} dB<extra></extra>",
-            )
-        )
-    shapes = []
-    if selected in layers:
-        shapes.append(
-            {
-                "type": "line",
-                "xref": "x",
-                "x0": selected,
-                "x1": selected,
-                "yref": "paper",
-                "y0": 0,
-                "y1": 1,
-                "name": "selected",
-                "line": {"color": "#444", "width": 2, "dash": "dash"},
-            }
-        )
-    fig.update_layout(shapes=shapes, clickmode="event", hovermode="closest")
-    fig.update_xaxes(type="category", tickangle=-45 if len(layers) > 8 else 0)
-    fig.update_yaxes(title_text="output SQNR (dB)")
-    return figures.layout(
-        fig, "A vs B: output SQNR along depth (click a point to select its layer)"
-    )
 
 
 _TITLES = {
@@ -268,14 +209,14 @@ class CompareView(_StateView):
         a, b = self.state.table, self.other.to_dataframe()
         with pn.io.hold():
             self.table.value = layer_differences(a, b)
-            names = {"A": session_name(self.state.session), "B": session_name(self.other)}
+            names = {"A": self.state.session_label(), "B": session_name(self.other)}
             self.figures.titles = {side: f"{side}: {name}" for side, name in names.items()}
             self.figures.value = summary_table(
                 summary_differences(self.state.summary, self.other.summary())
             )
             self.header.object = (
-                f"**A**: {md(names['A'])}, this session ({_describe(self.state.session)}) · "
-                f"**B**: {md(names['B'])}, the compared session ({_describe(self.other)})"
+                f"**A**: {md(names['A'])}, this session ({_describe(len(a), self.state.meta())}) · "
+                f"**B**: {md(names['B'])}, the compared session ({_describe(len(b), session_meta(self.other))})"
             )
             only = self.table.value["in"]
             parts = [
@@ -298,7 +239,7 @@ class CompareView(_StateView):
             self.depth.object = self._guard(
                 "the compare chart",
                 lambda: compare_depth_figure(self.table.value, layer),
-                lambda: figures.message_figure("A vs B", "could not draw this chart"),
+                lambda: message_figure("A vs B", "could not draw this chart"),
             )
 
     def _on_selection(self, event):
@@ -333,8 +274,7 @@ class CompareView(_StateView):
         )
 
 
-def _describe(session) -> str:
-    meta = getattr(getattr(session, "results", None), "meta", None) or {}
-    parts = [f"{len(session.to_dataframe())} layers"]
+def _describe(layers: int, meta: dict) -> str:
+    parts = [f"{layers} layers"]
     parts += [f"{k} {meta[k]}" for k in ("flow", "backend") if meta.get(k)]
     return md(", ".join(parts))

@@ -15,8 +15,8 @@ import panel as pn
 import param
 
 from qviz.analysis.groups import worst_groups
+from qviz.charts.groups import TITLES, group_heatmap
 from qviz.errors import QvizError
-from qviz.ui.group_figure import TITLES, group_heatmap
 from qviz.ui.markup import md
 from qviz.ui.views import MessageView, _StateView, select
 

@@ -14,9 +14,9 @@ import panel as pn
 import param
 from bokeh.models.widgets.tables import NumberFormatter
 
+from qviz.charts.outliers import TITLES, outlier_heatmap
 from qviz.errors import QvizError
 from qviz.ui.markup import md
-from qviz.ui.outlier_figure import TITLES, outlier_heatmap
 from qviz.ui.views import _StateView, select
 
 EXPLAIN = (

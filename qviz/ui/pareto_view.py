@@ -6,109 +6,26 @@ found and the plan in force marked. Clicking a point applies that candidate's pl
 
 from __future__ import annotations
 
-import math
 import threading
 
-import pandas as pd
 import panel as pn
 import param
 import plotly.graph_objects as go
 
 from qviz.analysis.search import SearchResult
+from qviz.charts.layout import message_figure
+from qviz.charts.pareto import pareto_figure
 from qviz.plan import Plan
-from qviz.ui import figures
 from qviz.ui.progress import TaskProgress, ui_caller
 from qviz.ui.views import _StateView
 
 TASK = "mixed-precision search"
-TITLE = "Size vs error of the plans tried (click a point to apply its plan)"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
     "a file, or its flow or qconfigs are not qviz's. Re-create it from the float model with "
     "flow 'fx', 'eager', 'pt2e' or 'torchao' (and `plan=...` instead of your own qconfigs or "
     "quantizer) to search."
 )
-
-
-def _finite(values) -> list:
-    return [float(v) if math.isfinite(float(v)) else None for v in values]
-
-
-def pareto_figure(
-    candidates: pd.DataFrame,
-    front: pd.DataFrame,
-    target: float | None = None,
-    found: int | None = None,
-    in_force: int | None = None,
-) -> go.Figure:
-    """Every candidate (weight bytes vs output SQNR; green when it meets the target), the Pareto
-    front as a line, the plan ``found`` as a star and the plan ``in_force`` ringed. Each point's
-    customdata is its candidate's step."""
-    colors = [figures.GREEN if meets else "#999" for meets in candidates["meets_target"]]
-    hover = "step %{customdata}: %{text}<br>%{x:,} weight bytes<br>output SQNR %{y:.2f} dB<extra></extra>"
-
-    def points(rows, name, **style):
-        return go.Scatter(
-            x=rows["weight_bytes"].tolist(),
-            y=_finite(rows["output_sqnr"]),
-            customdata=rows["step"].tolist(),
-            text=rows["changed"].tolist(),
-            name=name,
-            hovertemplate=hover,
-            **style,
-        )
-
-    fig = go.Figure(
-        [
-            points(candidates, "candidates", mode="markers", marker={"color": colors, "size": 9}),
-            points(
-                front,
-                "Pareto front",
-                mode="lines+markers",
-                marker={"color": "#4c78a8", "size": 11},
-                line={"color": "#4c78a8", "width": 2},
-            ),
-        ]
-    )
-    for step, name, marker in (
-        (found, "plan found", {"symbol": "star", "size": 18, "color": figures.AMBER}),
-        (
-            in_force,
-            "plan in force",
-            {"symbol": "circle-open", "size": 22, "color": "#222", "line": {"width": 2}},
-        ),
-    ):
-        if step is not None:
-            rows = candidates[candidates["step"] == step]
-            fig.add_trace(points(rows, name, mode="markers", marker=marker))
-    if target is not None:
-        fig.update_layout(
-            shapes=[
-                {
-                    "type": "line",
-                    "xref": "paper",
-                    "x0": 0,
-                    "x1": 1,
-                    "yref": "y",
-                    "y0": target,
-                    "y1": target,
-                    "name": "target",
-                    "line": {"color": figures.RED, "width": 1, "dash": "dot"},
-                }
-            ]
-        )
-    fig.update_xaxes(title_text="weight size (bytes)")
-    fig.update_yaxes(title_text="model output SQNR (dB)")
-    fig.update_layout(
-        title={"text": TITLE, "x": 0.01, "font": {"size": 14}},
-        clickmode="event",
-        hovermode="closest",
-        template=figures.TEMPLATE,
-        height=420,
-        margin={"l": 60, "r": 15, "t": 40, "b": 45},
-        legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"},
-    )
-    return fig
 
 
 class ParetoView(_StateView):
@@ -158,7 +75,7 @@ class ParetoView(_StateView):
             self._show_plot(self._guard(
                 "the Pareto plot",
                 self._figure,
-                lambda: figures.message_figure("Size vs error", "could not draw this chart", 420),
+                lambda: message_figure("Size vs error", "could not draw this chart", 420),
             ))
 
     def _figure(self) -> go.Figure:
@@ -196,7 +113,7 @@ class ParetoView(_StateView):
         def callback(tried, most):
             ui(self.progress.update, tried, most)
 
-        return self.state.session.search(target_sqnr=target, callback=callback)
+        return self.state.search(target, callback)
 
     def _done(self, result: SearchResult, target: float) -> None:
         self.state.refresh()  # every candidate was a real apply: re-read the plan in force

@@ -9,15 +9,14 @@ diagnosis row, selects that layer everywhere.
 
 from __future__ import annotations
 
-import math
 import threading
 
-import numpy as np
 import pandas as pd
 import panel as pn
 import plotly.graph_objects as go
 
-from qviz.ui import figures
+from qviz.charts.layout import message_figure
+from qviz.charts.sensitivity import LABELS, sensitivity_figure
 from qviz.ui.progress import TaskProgress, ui_caller
 from qviz.ui.views import _StateView, select
 
@@ -25,18 +24,6 @@ TASK = "sensitivity sweep"
 PAIRS = {
     "quantize only / skip only": ("quantize_only", "skip_only"),
     "weight only / activation only": ("weight_only", "activation_only"),
-}
-LABELS = {
-    "quantize_only": "only this layer quantized",
-    "skip_only": "all but this layer quantized",
-    "weight_only": "only its weight quantized",
-    "activation_only": "only its output activation quantized",
-}
-COLORS = {
-    "quantize_only": figures.RED,
-    "skip_only": "#4c78a8",
-    "weight_only": "#72b7b2",
-    "activation_only": figures.AMBER,
 }
 DIAGNOSIS_COLUMNS = ["severity", "layer", "cause", "evidence", "fix"]
 #: (column, least width in px, share of the width left) of the diagnosis table's other columns.
@@ -54,70 +41,6 @@ EXPLAIN = {
     "weight_only": "only this layer's weight quantized",
     "activation_only": "only its output activation quantized: the lower of the two is the cause",
 }
-
-
-def sensitivity_figure(
-    frame: pd.DataFrame,
-    variants: tuple[str, str],
-    selected: str | None = None,
-    all_quantized: float | None = None,
-) -> go.Figure:
-    """Horizontal bars of two of the sweep's ``variants`` per layer in rank order (most sensitive
-    on top), the ``selected`` layer outlined, and a line at the all-quantized model's metric."""
-    ordered = frame.sort_values("rank", kind="stable")
-    layers = [str(n) for n in ordered.index]
-    metric = frame.attrs.get("metric", "output_sqnr")
-    unit = " dB" if metric == "output_sqnr" else ""
-    outline = [3 if n == selected else 0 for n in layers]
-    fig = go.Figure()
-    for column in variants:
-        values = [float(v) if np.isfinite(v) else None for v in ordered[column].astype(float)]
-        fig.add_trace(
-            go.Bar(
-                y=layers,
-                x=values,
-                orientation="h",
-                name=LABELS[column],
-                customdata=layers,
-                marker={"color": COLORS[column], "line": {"color": "#222", "width": outline}},
-                hovertemplate="%{y}<br>" + LABELS[column] + ": %{x:.4g}" + unit + "<extra></extra>",
-            )
-        )
-    if all_quantized is not None and math.isfinite(all_quantized):
-        fig.update_layout(
-            shapes=[
-                {
-                    "type": "line",
-                    "xref": "x",
-                    "x0": all_quantized,
-                    "x1": all_quantized,
-                    "yref": "paper",
-                    "y0": 0,
-                    "y1": 1,
-                    "name": "all quantized",
-                    "line": {"color": "#444", "width": 1, "dash": "dot"},
-                }
-            ]
-        )
-    fig.update_yaxes(type="category", autorange="reversed")
-    fig.update_xaxes(title_text=f"model {metric} (dB)" if unit else f"model {metric}")
-    fig.update_layout(
-        title={
-            "text": "Sensitivity ranking: most sensitive on top",
-            "x": 0.01,
-            "font": {"size": 14},
-        },
-        barmode="group",
-        clickmode="event",
-        hovermode="closest",
-        template=figures.TEMPLATE,
-        height=max(320, 150 + 22 * len(variants) * len(layers)),
-        # the legend in its own band between the title and the bars: inside the figure at any
-        # width (below the axis it was clipped away), never over the title or a bar
-        margin={"l": 120, "r": 15, "t": 80, "b": 50},
-        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1, "yanchor": "bottom"},
-    )
-    return fig
 
 
 class SensitivityView(_StateView):
@@ -192,11 +115,11 @@ class SensitivityView(_StateView):
         if frame.attrs.get("metric", "output_sqnr") != "output_sqnr":
             all_quantized = None
         return sensitivity_figure(
-            frame, PAIRS[self.pair.value], self.state.selected_layer, all_quantized
+            frame, PAIRS[self.pair.value], selected=self.state.selected_layer, all_quantized=all_quantized
         )
 
     def _fallback(self) -> go.Figure:
-        return figures.message_figure("Sensitivity", "could not draw this chart")
+        return message_figure("Sensitivity", "could not draw this chart")
 
     def _redraw_diagnosis(self):
         frame = self._guard("the diagnosis", self.state.diagnosis, lambda: None)
@@ -246,7 +169,7 @@ class SensitivityView(_StateView):
         def callback(done, total):
             ui(self.progress.update, done, total)
 
-        return self.state.session.sensitivity(progress=False, callback=callback)
+        return self.state.sweep(callback)
 
     def _done(self, result) -> None:
         frame = result.frame

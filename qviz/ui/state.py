@@ -2,9 +2,21 @@
 the message line, a version counter), as a ``param.Parameterized`` with no Panel import, so the
 same state drives a notebook, a served app, or a test without a browser.
 
-Views read results only through this object (frames and point records: plain data, never torch
-modules) and watch ``selected_layer`` and ``version``: ``version`` goes up whenever the results
-change (after ``apply`` or ``undo``), so every view redraws from the new numbers.
+Views watch ``selected_layer`` and ``version`` (it goes up whenever the results change, after
+``apply`` or ``undo``, so every view redraws from the new numbers) and reach the session only
+through this interface, never the session itself (it is ``_session``, private to this module):
+
+- results, plain data: ``table``, ``summary``, ``points``, ``layers``, ``row()``, ``record()``,
+  ``activation_point()``, ``weight_point()``, ``meta()``, ``session_label()``, ``timeline()``;
+- editing: ``can_apply``, ``can_undo``, ``plan``, ``editable``, ``layer_config()``,
+  ``choices()``, ``plan_code()``, ``apply()``, ``apply_plan()``, ``undo()``;
+- analyses: ``can_sweep``, ``sensitivity_frame()``, ``sweep()``, ``search()``, ``diagnosis()``,
+  ``outliers()``, ``channel_matrix()``, ``algorithms()``, ``group_layers()``,
+  ``weight_groups()``, ``graph()``;
+- messages and tasks: ``notify()``, ``clear_message()``, ``run_task()``.
+
+A session-like object that is not the dashboard's (the Compare tab's second session) is named
+and described by :func:`session_name` and :func:`session_meta`.
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ import copy
 import logging
 import math
 import threading
+from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import param
@@ -68,7 +82,7 @@ class DashboardState(param.Parameterized):
 
     def __init__(self, session, **params):
         super().__init__(**params)
-        self.session = session
+        self._session = session
         self._history: list = []  # plans before each apply, for undo
         self._task_lock = threading.Lock()
         self._table = self._summary = self._points = None
@@ -79,9 +93,9 @@ class DashboardState(param.Parameterized):
     # -- results ---------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-read the session's results, keep the selection if the layer still exists, bump version."""
-        self._table = self.session.to_dataframe()
-        self._summary = self.session.summary()
-        self._points = self.session.points()
+        self._table = self._session.to_dataframe()
+        self._summary = self._session.summary()
+        self._points = self._session.points()
         layers = list(self._table.index)
         current = self.selected_layer if self.selected_layer in layers else (layers[0] if layers else None)
         with param.parameterized.batch_call_watchers(self):
@@ -111,7 +125,7 @@ class DashboardState(param.Parameterized):
 
     def activation_point(self, layer: str) -> str | None:
         """Name of the layer's output activation point (see :func:`qviz.results.output_record`); None if none."""
-        record = output_record(self.session.results.records, layer)
+        record = output_record(self._session.results.records, layer)
         return record.name if record is not None else None
 
     def weight_point(self, layer: str) -> str | None:
@@ -121,7 +135,19 @@ class DashboardState(param.Parameterized):
         return hits[0] if len(hits) else None
 
     def record(self, point: str):
-        return self.session.record(point)
+        return self._session.record(point)
+
+    def meta(self) -> dict:
+        """What the results record of their making: flow, backend, torch, qviz ({} when nothing)."""
+        return session_meta(self._session)
+
+    def session_label(self) -> str:
+        """What the session is called (see :func:`session_name`)."""
+        return session_name(self._session)
+
+    def timeline(self):
+        """The session's QAT timeline (``results.timeline``), None when it has none."""
+        return getattr(getattr(self._session, "results", None), "timeline", None)
 
     # -- messages --------------------------------------------------------------------------------
     def notify(self, text: str, kind: str = "info", source: str = "") -> None:
@@ -138,7 +164,7 @@ class DashboardState(param.Parameterized):
     @property
     def can_apply(self) -> bool:
         """True when the session can re-convert with new choices (a live session with apply)."""
-        return hasattr(self.session, "apply") and bool(getattr(self.session, "can_apply", False))
+        return hasattr(self._session, "apply") and bool(getattr(self._session, "can_apply", False))
 
     @property
     def can_undo(self) -> bool:
@@ -146,7 +172,7 @@ class DashboardState(param.Parameterized):
 
     @property
     def plan(self):
-        return getattr(self.session, "plan", None)
+        return getattr(self._session, "plan", None)
 
     def layer_config(self, layer: str) -> dict:
         """The layer's current choices as the editor's fields (defaults where the plan says nothing)."""
@@ -164,23 +190,23 @@ class DashboardState(param.Parameterized):
         """The editor's choices for ``layer``'s ``field``: what the flow offers (``editable``)
         narrowed to what its backend can run on this layer (e.g. no fp16 for static x86)."""
         offered = (self.editable or {}).get(field) or _CHOICES[field]
-        if layer is None or not self.can_apply or not getattr(self.session, "is_live", False):
+        if layer is None or not self.can_apply or not getattr(self._session, "is_live", False):
             return list(offered)
-        return list(self.session.choices(layer, field, offered))
+        return list(self._session.choices(layer, field, offered))
 
     def plan_code(self) -> str:
         """The plan as runnable code for the session's flow ('' without a plan)."""
         plan = self.plan
         if plan is None:
             return ""
-        return plan.code_for(getattr(getattr(self.session, "results", None), "meta", None) or {})
+        return plan.code_for(self.meta())
 
     def apply(self, changes: dict, source: str = "apply") -> bool:
         """``session.apply(changes)`` ({layer: {field: value}}); a QvizError becomes the message."""
         if not self._editable(source):
             return False
         previous = copy.deepcopy(self.plan)
-        return self._run(lambda: self.session.apply(changes), next(iter(changes), None),
+        return self._run(lambda: self._session.apply(changes), next(iter(changes), None),
                          previous, f"applied {_describe(changes)}", source)
 
     def apply_plan(self, plan, what: str, source: str = "") -> bool:
@@ -189,7 +215,7 @@ class DashboardState(param.Parameterized):
         if not self._editable(source):
             return False
         previous = copy.deepcopy(self.plan)
-        return self._run(lambda: self.session.apply(plan), self.selected_layer, previous, what, source)
+        return self._run(lambda: self._session.apply(plan), self.selected_layer, previous, what, source)
 
     def _editable(self, source: str) -> bool:
         """True when a new plan may be applied now; otherwise the message says why not."""
@@ -212,7 +238,7 @@ class DashboardState(param.Parameterized):
             return False
         previous = self._history.pop()
         layer = self.last_change["layer"] if self.last_change else self.selected_layer
-        if self._run(lambda: self.session.apply(previous), layer, None, "undone: back to the previous plan", source):
+        if self._run(lambda: self._session.apply(previous), layer, None, "undone: back to the previous plan", source):
             return True
         self._history.append(previous)
         return False
@@ -248,35 +274,46 @@ class DashboardState(param.Parameterized):
     @property
     def editable(self) -> dict | None:
         """The config fields the session's flow honours and their choices (None: all of them)."""
-        return getattr(self.session, "editable", None)
+        return getattr(self._session, "editable", None)
 
     @property
     def can_sweep(self) -> bool:
         """True when the session holds its models (a live run), so ``sensitivity()`` can measure;
         a session loaded from a file has only the sweep saved with it."""
-        return getattr(self.session, "is_live", False)
+        return getattr(self._session, "is_live", False)
 
     def sensitivity_frame(self) -> pd.DataFrame | None:
         """The stored sweep (``results.sensitivity``, metric in ``.attrs``); None before one."""
-        return getattr(getattr(self.session, "results", None), "sensitivity", None)
+        return getattr(getattr(self._session, "results", None), "sensitivity", None)
+
+    def sweep(self, callback=None):
+        """``session.sensitivity()`` (no progress bar; ``callback(done, total)`` per layer): the
+        sweep, stored with the results, so ``sensitivity_frame()`` then returns it."""
+        return self._session.sensitivity(progress=False, callback=callback)
+
+    def search(self, target_sqnr: float, callback=None):
+        """``session.search(target_sqnr=...)`` (``callback(tried, most)`` per candidate): a
+        :class:`qviz.analysis.search.SearchResult`. Every candidate is a real apply: call
+        ``refresh()`` after it."""
+        return self._session.search(target_sqnr=target_sqnr, callback=callback)
 
     def diagnosis(self) -> pd.DataFrame:
         """``session.diagnose()``: findings with evidence and fix, sensitive layers first."""
-        return self.session.diagnose()
+        return self._session.diagnose()
 
     def outliers(self, top: int) -> pd.DataFrame:
         """``session.outliers(top)``: each linear layer's ``top`` input channels by abs-max, most
         extreme first. Raises QvizError (saying why) when the session cannot measure them."""
-        if not callable(getattr(self.session, "outliers", None)):
+        if not callable(getattr(self._session, "outliers", None)):
             raise QvizError("this session keeps no activation-outlier statistics")
-        return self.session.outliers(top=top)
+        return self._session.outliers(top=top)
 
     def algorithms(self, layer: str, **options) -> pd.DataFrame:
         """``session.algorithms(layer, **options)``: RTN vs SmoothQuant, AWQ, GPTQ and HQQ on one
         layer (see :mod:`qviz.analysis.algorithms`). Raises QvizError saying why it cannot run."""
-        if not callable(getattr(self.session, "algorithms", None)):
+        if not callable(getattr(self._session, "algorithms", None)):
             raise QvizError("this session cannot compare quantization algorithms")
-        return self.session.algorithms(layers=layer, **options)
+        return self._session.algorithms(layers=layer, **options)
 
     def channel_matrix(self, value: str = "ratio_to_median") -> pd.DataFrame:
         """Every channel's ``value`` ("absmax" or "ratio_to_median") of every linear layer's
@@ -294,9 +331,9 @@ class DashboardState(param.Parameterized):
     def weight_groups(self, layer: str, group_size: int | None = None) -> pd.DataFrame:
         """``session.weight_groups(layer, group_size)``: the layer's int4 weight groups (see
         :mod:`qviz.analysis.groups`). Raises QvizError (saying why) when the session cannot."""
-        if not callable(getattr(self.session, "weight_groups", None)):
+        if not callable(getattr(self._session, "weight_groups", None)):
             raise QvizError("this session keeps no weights to group")
-        return self.session.weight_groups(layer, group_size)
+        return self._session.weight_groups(layer, group_size)
 
     def graph(self, depth: int | None = None) -> ModelGraph:
         """The model's graph grouped to ``depth`` (None: every layer; see qviz.analysis.graph),
@@ -306,7 +343,7 @@ class DashboardState(param.Parameterized):
         layers = tuple(self.layers)
         if (layers, "trace") not in self._graphs:
             try:
-                self._graphs[(layers, "trace")] = session_graph(self.session)
+                self._graphs[(layers, "trace")] = session_graph(self._session)
             except QvizError as exc:
                 self._graphs[(layers, "trace")] = exc
         traced = self._graphs[(layers, "trace")]
@@ -357,6 +394,26 @@ class DashboardState(param.Parameterized):
             log.error("qviz: the %s failed", what, exc_info=exc)
             self.notify(f"the {what} failed: {type(exc).__name__}: {exc}", "danger")
         self.task = ""
+
+
+def session_meta(session) -> dict:
+    """The ``meta`` of a session's results ({} when it has none)."""
+    return getattr(getattr(session, "results", None), "meta", None) or {}
+
+
+def session_name(session) -> str:
+    """What the dashboard calls a session: its file's name when loaded from one, else (in
+    memory) its flow and backend and the dtypes of its plan."""
+    source = getattr(session, "source", None)
+    if source is not None:
+        return Path(source).name
+    meta = session_meta(session)
+    name = ", ".join(["in memory", *(f"{meta[k]} {k}" for k in ("flow", "backend") if meta.get(k))])
+    plan = getattr(session, "plan", None)
+    if plan:
+        counts = Counter(config.dtype for config in plan.values()).most_common()
+        name += ", plan " + " + ".join(f"{n} {dtype}" for dtype, n in counts)
+    return name
 
 
 def _now(fn, *args):

@@ -20,7 +20,8 @@ import param
 from bokeh.models.widgets.tables import NumberFormatter, ScientificFormatter
 from panel.viewable import Viewer
 
-from qviz.ui import figures
+from qviz.charts.layers import depth_figure, histogram_figure, weight_scale_figure
+from qviz.charts.layout import AMBER, AMBER_DB, GREEN, RED, RED_DB, message_figure, sqnr_color
 from qviz.ui.markup import md
 from qviz.ui.progress import ui_caller
 from qviz.ui.state import (
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 _SQNR_COLUMNS = ("output_sqnr", "local_sqnr", "weight_sqnr")
-_CELL_COLORS = {figures.RED: "#f8d7da", figures.AMBER: "#fff3cd", figures.GREEN: "#d1e7dd"}
+_CELL_COLORS = {RED: "#f8d7da", AMBER: "#fff3cd", GREEN: "#d1e7dd"}
 
 
 def select(state: DashboardState, layer) -> None:
@@ -127,7 +128,7 @@ class SummaryView(_StateView):
         super().__init__(**params)
         common = {"font_size": "26pt", "title_size": "11pt", "nan_format": "n/a", "margin": (0, 20)}
         self.sqnr = pn.indicators.Number(label="output SQNR", format="{value:.2f} dB", colors=[
-            (figures.RED_DB, figures.RED), (figures.AMBER_DB, figures.AMBER), (math.inf, figures.GREEN)], **common)
+            (RED_DB, RED), (AMBER_DB, AMBER), (math.inf, GREEN)], **common)
         self.top1 = pn.indicators.Number(label="top-1 agreement", format="{value:.2f} %", **common)
         self.size = pn.indicators.Number(label="weight size vs float", format="{value:.1f} %", **common)
         self.speedup = pn.indicators.Number(label="speed-up vs float", format="{value:.2f}x", visible=False,
@@ -149,7 +150,7 @@ class SummaryView(_StateView):
             latency, float_latency = _number(s.get("latency_ms")), _number(s.get("float_latency_ms"))
             self.speedup.visible = math.isfinite(latency) and math.isfinite(float_latency)
             self.speedup.value = float_latency / latency if self.speedup.visible else math.nan
-            meta = getattr(getattr(self.state.session, "results", None), "meta", {}) or {}
+            meta = self.state.meta()
             parts = [f"{len(self.state.layers)} layers"]
             if math.isfinite(_number(size)) and math.isfinite(_number(float_size)):
                 parts.append(f"weights {size / 1000:.1f} kB at their dtypes' widths "
@@ -174,7 +175,7 @@ def _number(v) -> float:
 # -- layer table -----------------------------------------------------------------------------------
 def sqnr_cell_style(value) -> str:
     """CSS for an SQNR cell: red below 20 dB, amber below 30, green above; none when NaN."""
-    color = figures.sqnr_color(_number(value))
+    color = sqnr_color(_number(value))
     return f"background-color: {_CELL_COLORS[color]}" if color else ""
 
 
@@ -291,8 +292,8 @@ class DepthChart(_StateView):
 
     def _figure(self):
         return self._guard("the error-along-depth chart",
-                           lambda: figures.depth_figure(self.state.table, self.state.selected_layer),
-                           lambda: figures.message_figure("Error along depth", "could not draw this chart"))
+                           lambda: depth_figure(self.state.table, self.state.selected_layer),
+                           lambda: message_figure("Error along depth", "could not draw this chart"))
 
     def _redraw(self, *_):
         self.pane.object = self._figure()
@@ -339,12 +340,12 @@ class LayerView(_StateView):
             self._redraw_histogram()
             self.weights.object = self._guard(
                 "the weight chart", self._weight_figure,
-                lambda: figures.message_figure("weights", "could not draw this chart", 260))
+                lambda: message_figure("weights", "could not draw this chart", 260))
 
     def _redraw_histogram(self, *_):
         self.histogram.object = self._guard(
             "the histogram", self._histogram_figure,
-            lambda: figures.message_figure("histogram", "could not draw this chart"))
+            lambda: message_figure("histogram", "could not draw this chart"))
 
     def _card(self) -> str:
         layer = self.state.selected_layer
@@ -360,19 +361,19 @@ class LayerView(_StateView):
     def _histogram_figure(self):
         layer = self.state.selected_layer
         if layer is None:
-            return figures.message_figure("histogram", "select a layer")
+            return message_figure("histogram", "select a layer")
         point = self.state.activation_point(layer)
         if point is None:
-            return figures.message_figure(f"{layer}: output activation",
+            return message_figure(f"{layer}: output activation",
                                           "no activation point was recorded for this layer")
-        return figures.histogram_figure(self.state.record(point), layer, log_y=self.log_y)
+        return histogram_figure(self.state.record(point), layer, log_y=self.log_y)
 
     def _weight_figure(self):
         layer = self.state.selected_layer
         point = self.state.weight_point(layer) if layer is not None else None
         if point is None:
-            return figures.message_figure(f"{layer}: weight", "this layer has no quantized weight", 260)
-        return figures.weight_scale_figure(self.state.record(point), layer)
+            return message_figure(f"{layer}: weight", "this layer has no quantized weight", 260)
+        return weight_scale_figure(self.state.record(point), layer)
 
     def __panel__(self):
         return pn.Column(self.card, self.log_toggle, self.histogram, self.weights, sizing_mode="stretch_width")
@@ -455,7 +456,7 @@ class ConfigEditor(_StateView):
             widget.disabled = field not in editable
             if editable.get(field):
                 widget.options = _options(field, editable[field])
-        flow = getattr(getattr(self.state.session, "flow", None), "name", "this flow")
+        flow = self.state.meta().get("flow", "this flow")
         self.flow_note.object = md(f"flow {flow}: only {', '.join(editable)} apply here; other options "
                                    "need a session of your own quantizer or flow")
 

@@ -17,10 +17,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qviz.ui import figures
+from qviz.charts.layout import RED, TEMPLATE
 
 TITLES = {"ratio_to_median": "abs-max / layer's median channel", "absmax": "abs-max"}
-SELECTED_COLOR = figures.RED
+SELECTED_COLOR = RED
 ROW_PX, PANEL_GAP_PX, TOP_PX, BOTTOM_PX = 15, 70, 60, 50
 
 
@@ -84,7 +84,7 @@ def outlier_heatmap(matrix: pd.DataFrame, value: str = "ratio_to_median", select
         height=TOP_PX + BOTTOM_PX + ROW_PX * sum(heights) + PANEL_GAP_PX * (len(groups) - 1),
         title={"text": title or f"Activation outliers: {TITLES[value]} of each linear layer's input channels",
                "x": 0.01, "font": {"size": 14}},
-        margin={"l": 10, "r": 110, "t": TOP_PX, "b": BOTTOM_PX}, template=figures.TEMPLATE)
+        margin={"l": 10, "r": 110, "t": TOP_PX, "b": BOTTOM_PX}, template=TEMPLATE)
     for annotation in fig.layout.annotations:  # the panel titles: small, left-aligned
         annotation.update(font={"size": 12}, x=0, xanchor="left")
     return fig

@@ -1,8 +1,8 @@
-"""Pure plotly figure builders: plain data in (frames, point records), ``go.Figure`` out.
+"""The Layers tab's charts (the HTML report draws the same): error along depth, the histogram of
+a point's values against its representable range and grid, and the weight scales per channel.
 
-No Panel and no state here, so each figure is testable on its own and reusable by the HTML
-report. Shapes carry a ``name`` ("representable range", "grid", "selected", "threshold") so
-tests and callers can find them.
+Plain data in (the per-layer frame, point records), ``go.Figure`` out. Shapes carry a ``name``
+("representable range", "grid", "selected", "threshold") so tests and callers can find them.
 """
 
 from __future__ import annotations
@@ -13,64 +13,20 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-#: SQNR colour thresholds (dB): red below RED, amber below AMBER, green above.
-RED_DB, AMBER_DB = 20.0, 30.0
-RED, AMBER, GREEN = "#d62728", "#ff9f1c", "#2ca02c"
+from qviz.charts.layout import AMBER, AMBER_DB, RED, RED_DB, layout, message_figure
+
 IN_RANGE, CLIPPED = "#4c78a8", "#d62728"
 BAND, TAIL = "rgba(44,160,44,0.13)", "rgba(214,39,40,0.18)"
 MAX_BARS, MAX_GRID_LINES = 200, 64
 _PER_TENSOR = ("per_tensor_affine", "per_tensor_symmetric")
 
 
-def sqnr_color(value: float) -> str | None:
-    """Red / amber / green for an SQNR in dB; None when it is not a number."""
-    if value is None or not np.isfinite(value):
-        return None
-    return RED if value < RED_DB else AMBER if value < AMBER_DB else GREEN
-
-
-_GRID, _INK = "#EBF0F8", "#2a3f5f"
-_AXIS = {"gridcolor": _GRID, "linecolor": _GRID, "zerolinecolor": _GRID, "zerolinewidth": 2, "ticks": "",
-         "automargin": True, "title": {"standoff": 15}}
-#: The 2-D part of plotly's "plotly_white" look. The full template is 6.5 KB per figure, and it
-#: costs 15 ms to build on the server and more to apply in the browser, for 3-D, polar and geo
-#: settings no qviz chart has.
-TEMPLATE = go.layout.Template(layout={
-    "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"],
-    "font": {"color": _INK}, "hovermode": "closest", "hoverlabel": {"align": "left"},
-    "paper_bgcolor": "white", "plot_bgcolor": "white", "xaxis": _AXIS, "yaxis": _AXIS,
-    "shapedefaults": {"line": {"color": _INK}},
-    "annotationdefaults": {"arrowcolor": _INK, "arrowhead": 0, "arrowwidth": 1},
-})
-
-
-def layout(fig: go.Figure, title: str, height: int = 320, detail: str = "") -> go.Figure:
-    """The house look: the title (and a smaller ``detail`` line under it) at the top left, the
-    legend, when there is one, in its own band between them and the plot. Beside the title the
-    legend ran over long titles on narrow screens; here it lies over neither title nor data."""
-    text = f"{title}<br><span style='font-size: 12px'>{detail}</span>" if detail else title
-    legend = sum(trace.showlegend is not False for trace in fig.data) > 1
-    top = 40 + (20 if detail else 0) + (24 if legend else 0)
-    fig.update_layout(title={"text": text, "x": 0.01, "y": 1, "yref": "container", "yanchor": "top",
-                             "pad": {"t": 14}, "font": {"size": 14}},
-                      height=height, margin={"l": 55, "r": 15, "t": top, "b": 45}, template=TEMPLATE,
-                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1, "yanchor": "bottom"})
-    return fig
-
-
-def message_figure(title: str, text: str, height: int = 320) -> go.Figure:
-    """An empty figure that says why there is nothing to draw."""
-    fig = go.Figure()
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font={"size": 13, "color": "#666"})
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return layout(fig, title, height)
-
-
 # -- error along depth ----------------------------------------------------------------------------
-def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
-    """local_sqnr and output_sqnr per layer in depth order (x: layer names), selected layer marked."""
+def depth_figure(table: pd.DataFrame, selected: str | None = None, *, static: bool = False) -> go.Figure:
+    """local_sqnr and output_sqnr per layer in depth order (x: layer names), selected layer marked,
+    guide lines at the thresholds. ``static`` (the HTML report): no click hint in the title, and
+    the guide lines dashed, 2 px, over the grid, each labelled with its dB at the right end: the
+    app's faint dotted lines vanish in a report (on paper above all)."""
     ordered = table.sort_values("depth")
     layers = [str(n) for n in ordered.index]
     fig = go.Figure()
@@ -80,10 +36,16 @@ def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
             x=layers, y=values, name=label, mode="lines+markers", customdata=layers,
             line={"color": color}, marker={"size": 8 if len(layers) <= 60 else 5},
             hovertemplate="%{x}<br>" + label + " %{y:.2f} dB<extra></extra>"))
+    guide = {"layer": "above", "width": 2, "dash": "dash"} if static else {"layer": "below", "width": 1.5, "dash": "dot"}
     shapes = [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y,
-               "name": "threshold", "layer": "below",
-               "line": {"color": RED if y == RED_DB else AMBER, "width": 1.5, "dash": "dot"}}
+               "name": "threshold", "layer": guide["layer"],
+               "line": {"color": RED if y == RED_DB else AMBER, "width": guide["width"], "dash": guide["dash"]}}
               for y in (RED_DB, AMBER_DB)]
+    if static:
+        fig.update_layout(annotations=[
+            {"x": 1, "xref": "paper", "xanchor": "right", "y": y, "yref": "y", "yanchor": "bottom",
+             "text": f"{y:g} dB", "showarrow": False, "name": "threshold",
+             "font": {"size": 11, "color": RED if y == RED_DB else AMBER}} for y in (RED_DB, AMBER_DB)])
     if selected in layers:
         shapes.append({"type": "line", "xref": "x", "x0": selected, "x1": selected, "yref": "paper", "y0": 0,
                        "y1": 1, "name": "selected", "line": {"color": "#444", "width": 2, "dash": "dash"}})
@@ -98,7 +60,9 @@ def depth_figure(table: pd.DataFrame, selected: str | None = None) -> go.Figure:
         fig.update_yaxes(range=[lo - pad, hi + pad])
     fig.update_yaxes(title_text="SQNR (dB)")
     fig.update_layout(clickmode="event", hovermode="closest")
-    return layout(fig, "Error along depth (click a point to select its layer)")
+    title = ("Own error (local SQNR) and accumulated error (output SQNR) along depth" if static
+             else "Error along depth (click a point to select its layer)")
+    return layout(fig, title)
 
 
 # -- histogram ------------------------------------------------------------------------------------

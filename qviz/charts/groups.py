@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qviz.analysis.groups import group_matrix
-from qviz.ui import figures
+from qviz.charts.layout import RED, TEMPLATE
 
 TITLES = {"sqnr": "SQNR (dB)", "scale": "scale"}
 ROW_PX, MIN_PLOT_PX, MAX_PLOT_PX, TOP_PX, BOTTOM_PX = 14, 140, 520, 60, 50
@@ -44,7 +44,7 @@ def group_heatmap(frame: pd.DataFrame, value: str = "sqnr", title: str | None = 
     if np.isfinite(finite).any():
         g, c = np.unravel_index(np.argmin(finite), finite.shape)
         fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=g - 0.5, y1=g + 0.5, name="worst",
-                      line={"color": figures.RED, "width": 2}, fillcolor="rgba(0,0,0,0)")
+                      line={"color": RED, "width": 2}, fillcolor="rgba(0,0,0,0)")
     plot = min(MAX_PLOT_PX, max(MIN_PLOT_PX, ROW_PX * groups))
     ticks = {"tickvals": list(range(groups))} if groups <= 16 else {"tickmode": "auto", "nticks": 12}
     fig.update_yaxes(title_text=f"group of {size} inputs", autorange="reversed", **ticks)
@@ -53,5 +53,5 @@ def group_heatmap(frame: pd.DataFrame, value: str = "sqnr", title: str | None = 
         height=TOP_PX + BOTTOM_PX + plot,
         title={"text": title or f"{attrs['layer']}: int4 weight groups of {size} ({SOURCES[attrs['source']]}), "
                                 f"{TITLES[value]}", "x": 0.01, "font": {"size": 14}},
-        margin={"l": 10, "r": 110, "t": TOP_PX, "b": BOTTOM_PX}, template=figures.TEMPLATE)
+        margin={"l": 10, "r": 110, "t": TOP_PX, "b": BOTTOM_PX}, template=TEMPLATE)
     return fig
