@@ -61,19 +61,6 @@ def chromium(chromium_path):
             browser.close()
 
 
-@pytest.fixture(scope="session")
-def minilm_server(chromium_path):
-    """One live MiniLM session (short: two calibration batches) served to every browser session
-    of the MiniLM browser tests (the Outliers and Groups tabs): built once for the run."""
-    from qviz.demo.minilm import minilm_session
-    from tests.browser import serve_recording
-
-    session = minilm_session(progress=False, n_calib=2, n_eval=1)
-    running = serve_recording(lambda: session)
-    yield running
-    running.stop()
-
-
 class ConsoleLog:
     """Console errors and uncaught page errors seen by one page."""
 

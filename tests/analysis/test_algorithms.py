@@ -10,7 +10,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from real_models import gpt2, llama
 from torch import nn
 
 import qviz
@@ -25,6 +24,7 @@ from qviz.analysis.algorithms import (
     transformed,
 )
 from qviz.errors import ConfigError, QvizError
+from tests.real_models import gpt2, llama
 
 
 class Planted(nn.Module):

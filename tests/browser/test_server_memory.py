@@ -18,7 +18,7 @@ import qviz
 from qviz.cli import demo_session
 from qviz.session import Session
 from qviz.ui.serve import serve, session_factory
-from tests.browser import BROWSER_MARKS, expect
+from tests.browser.helpers import BROWSER_MARKS, expect
 
 pytestmark = BROWSER_MARKS[1:]  # the warning filters; browser tests are marked one by one
 browser = pytest.mark.browser

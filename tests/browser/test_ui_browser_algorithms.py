@@ -9,8 +9,8 @@ import re
 import pytest
 
 import qviz
-from tests.browser import BROWSER_MARKS, expect, serve_recording
-from tests.test_algorithms import Planted, _batches
+from tests.analysis.test_algorithms import Planted, _batches
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytestmark = [*BROWSER_MARKS]
 

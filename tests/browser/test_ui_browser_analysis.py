@@ -14,7 +14,7 @@ import pytest
 
 from qviz.cli import demo_session
 from qviz.plan import Plan
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 

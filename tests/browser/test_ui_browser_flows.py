@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytest.importorskip("torchao")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from qviz import Session
-from tests.browser import BROWSER_MARKS, expect, serve_recording
-from tests.test_graph import ResCatNet, _data
-from tests.test_ui_browser import _css_class, row, wait_until
+from tests.analysis.test_graph import ResCatNet, _data
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
+from tests.browser.test_ui_browser import _css_class, row, wait_until
 
 pytestmark = BROWSER_MARKS
 

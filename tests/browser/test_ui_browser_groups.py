@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ import re
 import pytest
 
 from qviz.cli import demo_session
-from tests.browser import BROWSER_MARKS, expect, serve_recording
-from tests.test_ui_browser_screens import inside, overlap
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
+from tests.browser.test_ui_browser_screens import inside, overlap
 
 pytestmark = BROWSER_MARKS
 

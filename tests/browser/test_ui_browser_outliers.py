@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.browser import BROWSER_MARKS, expect
+from tests.browser.helpers import BROWSER_MARKS, expect
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 
 from qviz.cli import demo_session
 from qviz.ui.serve import session_factory
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 from tests.qat_session import qat_session
 
 pytestmark = BROWSER_MARKS

@@ -15,7 +15,7 @@ import qviz
 from qviz.cli import demo_session
 from qviz.ui.figures import AMBER_DB, RED_DB
 from qviz.ui.serve import session_factory
-from tests.browser import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 from tests.qat_session import qat_session
 
 pytestmark = BROWSER_MARKS

@@ -26,7 +26,7 @@ from tests.helpers import assert_unchanged, model_snapshot
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Held-out perplexity per byte of the shipped weights is 6.30 (python -m qviz.demo.train_tinylm
 #: printed it; uniform guessing: 256); this bound leaves a margin for other Python versions' text.
 MAX_PERPLEXITY = 8.0

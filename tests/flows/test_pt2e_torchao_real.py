@@ -535,7 +535,7 @@ def test_hugging_face_models_run_apply_undo_save_and_report(name, flow, tmp_path
 
 @pytest.mark.slow
 def test_llama_pt2e_figures_agree_with_the_numeric_debugger_and_own_values():
-    from tests.test_pt2e_flow import _debugger_sqnr
+    from tests.flows.test_pt2e_flow import _debugger_sqnr
 
     model, calib, evals = _hf("llama")
     batch = evals[0]

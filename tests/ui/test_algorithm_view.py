@@ -5,7 +5,6 @@ SmoothQuant at alpha 1, AWQ and GPTQ provably equal RTN and their bars say "did 
 from __future__ import annotations
 
 import pytest
-from test_algorithms import _hadamard
 from torch import nn
 
 import qviz
@@ -13,6 +12,7 @@ from qviz.ui.algorithm_view import DID_NOTHING, AlgorithmView
 from qviz.ui.app import build_dashboard
 from qviz.ui.state import DashboardState
 from qviz.ui.views import select
+from tests.analysis.test_algorithms import _hadamard
 
 
 @pytest.fixture(scope="module")
