@@ -8,18 +8,14 @@ import os
 import pandas as pd
 import pytest
 
-import qviz
-from qviz.demo import calibration_batches, eval_batches, load_demo_model
-
 distributed = pytest.importorskip("distributed", reason="dask is in the test extra: pip install -e '.[test]'")
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")]
 
 
-def test_a_local_cluster_of_worker_processes_gives_the_serial_figures():
-    s = qviz.Session(load_demo_model(), calibration_batches(2, 16), eval_data=eval_batches(1, 32),
-                     progress=False).run()
+def test_a_local_cluster_of_worker_processes_gives_the_serial_figures(demo_sessions):
+    s = demo_sessions(short=True)
     serial = s.sensitivity().to_dataframe()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:

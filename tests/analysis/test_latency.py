@@ -53,8 +53,8 @@ def test_latency_is_remeasured_after_apply(timed):
     timed.undo()
 
 
-def test_latency_is_off_by_default():
-    s = demo_session(progress=False).summary()
+def test_latency_is_off_by_default(demo_sessions):
+    s = demo_sessions().summary()
     assert "latency_ms" not in s and "float_latency_ms" not in s
 
 
@@ -64,7 +64,7 @@ def test_cli_demo_prints_latency(capsys):
     assert "latency" in out and "ms vs float" in out
 
 
-def test_dashboard_shows_the_speedup_only_when_measured(timed):
+def test_dashboard_shows_the_speedup_only_when_measured(demo_sessions, timed):
     from qviz.ui.state import DashboardState
     from qviz.ui.views import SummaryView
 
@@ -73,5 +73,5 @@ def test_dashboard_shows_the_speedup_only_when_measured(timed):
     assert view.speedup.visible
     assert view.speedup.value == pytest.approx(s["float_latency_ms"] / s["latency_ms"])
     assert "ms float (median, this CPU)" in view.details.object
-    untimed = SummaryView(state=DashboardState(demo_session(progress=False)))
+    untimed = SummaryView(state=DashboardState(demo_sessions()))
     assert not untimed.speedup.visible

@@ -77,13 +77,9 @@ def mlp_session(model: nn.Module, plant: bool = False, changes=None, calib=None)
     return s.apply({n: {"activation": "minmax", **(changes or {}).get(n, {})} for n in s.plan})
 
 
-def _demo(flow="fx"):
-    return qviz.Session(load_demo_model(), CALIB, eval_data=EVAL, flow=flow, progress=False).run()
-
-
 @pytest.fixture(scope="module")
-def demo():
-    s = _demo()
+def demo(demo_sessions):
+    s = demo_sessions(short=True)
     return s, s.sensitivity().to_dataframe()
 
 
@@ -115,12 +111,12 @@ def test_frame_contract(demo):
     pd.testing.assert_frame_equal(s.results.sensitivity, frame)
 
 
-def test_figures_match_session_apply(demo):
+def test_figures_match_session_apply(demo_sessions, demo):
     """quantize_only / skip_only equal the output SQNR of the same plan applied for real."""
     s, frame = demo
-    skip = _demo().apply({"block_conv2": {"dtype": "float"}})
+    skip = demo_sessions(short=True).apply({"block_conv2": {"dtype": "float"}})
     assert frame.loc["block_conv2", "skip_only"] == pytest.approx(skip.summary()["output_sqnr"], abs=0.02)
-    alone = _demo()
+    alone = demo_sessions(short=True)
     alone.apply(alone.plan.with_changes({n: {"dtype": "float"} for n in alone.plan if n != "stem_conv"}))
     assert frame.loc["stem_conv", "quantize_only"] == pytest.approx(alone.summary()["output_sqnr"], abs=0.02)
 
@@ -200,8 +196,8 @@ def test_eval_fn_metric(demo):
     assert frame[["quantize_only", "skip_only", "weight_only", "activation_only"]].stack().between(0.5, 1).all()
 
 
-def test_save_load_keeps_the_sweep(tmp_path):
-    s = _demo()
+def test_save_load_keeps_the_sweep(demo_sessions, tmp_path):
+    s = demo_sessions(short=True)
     s.save(tmp_path / "before.qviz")
     frame = s.sensitivity().to_dataframe()
     s.save(tmp_path / "after.qviz")
@@ -221,8 +217,8 @@ def test_save_load_keeps_the_sweep(tmp_path):
     pd.testing.assert_frame_equal(old.diagnose(), qviz.analysis.diagnosis.diagnose(s.results))
 
 
-def test_eager_flow_and_float_layers():
-    s = _demo("eager").apply({"fc1": {"dtype": "float"}})
+def test_eager_flow_and_float_layers(demo_sessions):
+    s = demo_sessions("eager", short=True).apply({"fc1": {"dtype": "float"}})
     frame = s.sensitivity().to_dataframe()
     assert frame.index[-1] == "fc1" and frame.loc["fc1", "quantize_only"] == math.inf
     assert frame.loc["fc1", "skip_only"] == pytest.approx(s.summary()["output_sqnr"], abs=1e-6)

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 
 import qviz
-from qviz.cli import demo_session
 from qviz.session import Session
 from qviz.ui.serve import serve, session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect
@@ -51,9 +50,9 @@ def dashboards() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_file(tmp_path_factory):
+def demo_file(demo_sessions, tmp_path_factory):
     path = tmp_path_factory.mktemp("memory") / "demo.qviz"
-    demo_session(progress=False).save(path)
+    demo_sessions().save(path)
     return path
 
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from qviz.cli import demo_session
 from qviz.ui.serve import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
@@ -29,9 +28,9 @@ def wait_until(check, timeout: float = 30.0, interval: float = 0.1):
 
 
 @pytest.fixture(scope="module")
-def demo_file(chromium_path, tmp_path_factory):
+def demo_file(demo_sessions, chromium_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("browser") / "demo.qviz"
-    demo_session(progress=False).save(path)
+    demo_sessions().save(path)
     return path
 
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 import qviz
-from qviz.demo import calibration_batches, eval_batches, load_demo_model
 from qviz.errors import ConfigError, QvizError
 
 me = pytest.importorskip("model_explorer", reason="ai-edge-model-explorer is in the test extra")
@@ -16,9 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 
 @pytest.fixture(scope="module")
-def session():
-    return qviz.Session(load_demo_model(), calibration_batches(2, 16), eval_data=eval_batches(1, 32),
-                        progress=False).run()
+def session(demo_sessions):
+    return demo_sessions(short=True)
 
 
 def _adapter_graph(program):

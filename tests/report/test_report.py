@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 
 import qviz
 from qviz.analysis.diagnosis import diagnose
-from qviz.cli import demo_session, main
+from qviz.cli import main
 from qviz.demo import calibration_batches, load_demo_model
 from qviz.report import build_report, write_report
 from qviz.report.html import (
@@ -122,10 +122,10 @@ def assert_table_equals(table: dict, frame: pd.DataFrame, index_name: str = "lay
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_sessions, tmp_path_factory):
     """The demo session, its session file saved before any sweep, and the sweep's frame."""
     folder = tmp_path_factory.mktemp("report")
-    session = demo_session(progress=False)
+    session = demo_sessions()
     saved = folder / "demo.qviz"
     session.save(saved)
     sweep = session.sensitivity().to_dataframe()

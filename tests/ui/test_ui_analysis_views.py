@@ -17,7 +17,6 @@ from bokeh.document import Document  # noqa: E402
 from pyviz_comms import Comm  # noqa: E402
 
 import qviz  # noqa: E402
-from qviz.cli import demo_session  # noqa: E402
 from qviz.errors import ConfigError  # noqa: E402
 from qviz.plan import Plan  # noqa: E402
 from qviz.ui.app import build_app, build_dashboard  # noqa: E402
@@ -35,9 +34,9 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def session():
+def session(demo_sessions):
     """One live demo session; each test leaves it on its starting plan."""
-    return demo_session(progress=False)
+    return demo_sessions()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from bokeh.document import Document  # noqa: E402
 from pyviz_comms import Comm  # noqa: E402
 
 import qviz  # noqa: E402
-from qviz.cli import build_parser, demo_session, main  # noqa: E402
+from qviz.cli import build_parser, main  # noqa: E402
 from qviz.ui.app import Dashboard, build_app  # noqa: E402
 from qviz.ui.compare_view import CompareView, layer_differences, summary_differences  # noqa: E402
 from qviz.ui.markup import md  # noqa: E402
@@ -40,8 +40,8 @@ def qat():
 
 
 @pytest.fixture(scope="module")
-def ptq():
-    return demo_session(progress=False)
+def ptq(demo_sessions):
+    return demo_sessions()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import qviz
-from qviz.demo import demo_session
 from qviz.report.html import _depth_section, _label_guides
 from qviz.ui import figures
 from qviz.ui.app import build_dashboard
@@ -27,14 +26,14 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 
 
 @pytest.fixture(scope="module")
-def live():
-    return demo_session(progress=False)
+def live(demo_sessions):
+    return demo_sessions()
 
 
-def test_editor_offers_only_dtypes_the_flow_and_backend_run(live):
+def test_editor_offers_only_dtypes_the_flow_and_backend_run(demo_sessions, live):
     dashboard = build_dashboard(live)
     assert dashboard.editor.widgets["dtype"].options == ["int8", "int4", "float"]  # no static fp16 on x86
-    dynamic = build_dashboard(demo_session("dynamic", progress=False))
+    dynamic = build_dashboard(demo_sessions("dynamic"))
     assert dynamic.editor.widgets["dtype"].options == ["int8", "fp16", "float"]  # no int4 in dynamic
     for dtype in dashboard.editor.widgets["dtype"].options:  # and each offered one really applies
         assert live.choices("fc1", "dtype", [dtype]) == (dtype,)
@@ -55,8 +54,8 @@ def test_before_after_is_hidden_until_a_change(live):
     assert not editor.compare_box.visible
 
 
-def test_one_size_figure_and_one_observer_vocabulary():
-    s = demo_session(progress=False)
+def test_one_size_figure_and_one_observer_vocabulary(demo_sessions):
+    s = demo_sessions()
     counts = s.param_counts()
     assert s.summary()["weight_bytes"] == sum(counts.values())  # int8: one byte a weight
     assert s.summary()["float_weight_bytes"] == 4 * sum(counts.values())
@@ -79,8 +78,8 @@ def test_sensitivity_legend_sits_inside_the_figure(live):
         assert {t.name for t in fig.data} == {*(sensitivity_figure.__globals__["LABELS"][v] for v in variants)}
 
 
-def test_per_tensor_weights_draw_each_channel_against_the_one_scale():
-    s = demo_session(progress=False).apply({"fc2": {"weight": "per_tensor"}})
+def test_per_tensor_weights_draw_each_channel_against_the_one_scale(demo_sessions):
+    s = demo_sessions().apply({"fc2": {"weight": "per_tensor"}})
     record = s.record("fc2.weight")
     fig = figures.weight_scale_figure(record, "fc2")
     bars, line = fig.data
@@ -96,8 +95,8 @@ def test_histogram_view_stays_near_the_data():
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return demo_session(progress=False)
+def demo(demo_sessions):
+    return demo_sessions()
 
 
 def test_bytes_read_as_whole_bytes_then_kb_and_mb():

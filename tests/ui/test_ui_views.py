@@ -22,7 +22,7 @@ from bokeh.document import Document  # noqa: E402
 from pyviz_comms import Comm  # noqa: E402
 
 import qviz  # noqa: E402
-from qviz.cli import build_parser, demo_session, main  # noqa: E402
+from qviz.cli import build_parser, main  # noqa: E402
 from qviz.errors import ConfigError, SessionFileError  # noqa: E402
 from qviz.session import Session  # noqa: E402
 from qviz.ui import figures  # noqa: E402
@@ -59,8 +59,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def session():
-    return demo_session(progress=False)
+def session(demo_sessions):
+    return demo_sessions()
 
 
 @pytest.fixture(scope="module")
@@ -605,8 +605,8 @@ def test_editor_with_nothing_changed_says_so(live):
     assert live.applied == [] and "nothing to apply" in dashboard.state.message
 
 
-def test_editor_drives_the_real_session_apply():
-    live = demo_session(progress=False)  # its own: apply changes the session
+def test_editor_drives_the_real_session_apply(demo_sessions):
+    live = demo_sessions()  # its own: apply changes the session
     if not (hasattr(live, "apply") and getattr(live, "can_apply", False)):
         pytest.skip("this Session cannot apply plans")
     dashboard = build_dashboard(live)
