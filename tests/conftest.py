@@ -1,4 +1,6 @@
-"""Shared fixtures: a headless Debian chromium driven by Playwright for tests marked ``browser``.
+"""Shared fixtures: the demo's sessions, one run per flow for the whole test run
+(``demo_sessions``), and a headless Debian chromium driven by Playwright for tests marked
+``browser`` (the report's test opens its page in it too).
 
 Without /usr/bin/chromium (or the playwright package) browser tests are skipped with the reason,
 unless QVIZ_REQUIRE_BROWSER=1 (CI sets it), in which case they fail: CI must not go green by
@@ -7,6 +9,7 @@ skipping them.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +26,37 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _run_demo(flow: str, short: bool):
+    """The embedded demo model run on ``flow``: ``demo_session``'s default batches, or the short
+    set (two calibration batches of 16, one evaluation batch of 32)."""
+    from qviz.demo import calibration_batches, demo_session, eval_batches, load_demo_model
+    from qviz.session import Session
+
+    if not short:
+        return demo_session(flow, progress=False)
+    return Session(load_demo_model(), calibration_batches(2, 16), eval_data=eval_batches(1, 32), flow=flow,
+                   progress=False).run()
+
+
+@pytest.fixture(scope="session")
+def demo_sessions():
+    """``demo_sessions(flow="fx", short=False)``: a session of the demo model on ``flow``, a
+    private copy for each call. Each (flow, short) runs once for the whole test run (the FX demo
+    takes seconds, a deep copy a fraction of one), and what a test does to its copy (apply, a
+    sweep, a save) reaches no other test. torchao's quantized tensors do not deep-copy: its demo
+    runs afresh each call (a fraction of a second too)."""
+    runs = {}
+
+    def make(flow: str = "fx", *, short: bool = False):
+        if flow == "torchao":
+            return _run_demo(flow, short)
+        if (flow, short) not in runs:
+            runs[flow, short] = _run_demo(flow, short)
+        return copy.deepcopy(runs[flow, short])
+
+    return make
 
 
 def _missing_browser() -> str | None:
@@ -59,19 +93,6 @@ def chromium(chromium_path):
             yield browser
         finally:
             browser.close()
-
-
-@pytest.fixture(scope="session")
-def minilm_server(chromium_path):
-    """One live MiniLM session (short: two calibration batches) served to every browser session
-    of the MiniLM browser tests (the Outliers and Groups tabs): built once for the run."""
-    from qviz.demo.minilm import minilm_session
-    from tests.browser import serve_recording
-
-    session = minilm_session(progress=False, n_calib=2, n_eval=1)
-    running = serve_recording(lambda: session)
-    yield running
-    running.stop()
 
 
 class ConsoleLog:

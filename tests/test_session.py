@@ -54,8 +54,8 @@ def _qat_eager(model):
 
 
 @pytest.fixture(scope="module")
-def fx_session():
-    return qviz.Session(load_demo_model(), CALIB, eval_data=EVAL, progress=False).run()
+def fx_session(demo_sessions):
+    return demo_sessions(short=True)
 
 
 # -- results ---------------------------------------------------------------------------------

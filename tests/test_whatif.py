@@ -21,13 +21,14 @@ EVAL = eval_batches(1, 32)
 METRICS = ["weight_sqnr", "local_sqnr", "output_sqnr"]
 
 
-def _session(flow="fx", plan=None):
+def _session(flow="fx", *, plan):
+    """A from-scratch build of the demo under ``plan`` (what apply() must equal)."""
     return qviz.Session(load_demo_model(), CALIB, eval_data=EVAL, flow=flow, plan=plan, progress=False).run()
 
 
 @pytest.fixture(scope="module")
-def base():
-    return _session()
+def base(demo_sessions):
+    return demo_sessions(short=True)
 
 
 def _assert_same_numbers(a: pd.DataFrame, b: pd.DataFrame, tol=0.1):
@@ -54,30 +55,30 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("kind", list(CHANGES))
-def test_apply_matches_a_from_scratch_build(kind):
-    live = _session().apply(CHANGES[kind])
+def test_apply_matches_a_from_scratch_build(demo_sessions, kind):
+    live = demo_sessions(short=True).apply(CHANGES[kind])
     scratch = _session(plan=live.plan)
     _assert_same_numbers(live.to_dataframe(), scratch.to_dataframe())
     assert live.summary()["output_sqnr"] == pytest.approx(scratch.summary()["output_sqnr"], abs=0.1)
 
 
-def test_apply_matches_from_scratch_in_eager_mode():
-    live = _session("eager").apply(CHANGES["per-tensor"])
+def test_apply_matches_from_scratch_in_eager_mode(demo_sessions):
+    live = demo_sessions("eager", short=True).apply(CHANGES["per-tensor"])
     scratch = _session("eager", plan=live.plan)
     _assert_same_numbers(live.to_dataframe(), scratch.to_dataframe())
 
 
-def test_eager_float_layer_gets_stubs_and_runs():
-    s = _session("eager").apply({"down_conv": {"dtype": "float"}})
+def test_eager_float_layer_gets_stubs_and_runs(demo_sessions):
+    s = demo_sessions("eager", short=True).apply({"down_conv": {"dtype": "float"}})
     df = s.to_dataframe()
     assert df.loc["down_conv", "dtype"] == "float" and not df.loc["down_conv", "quantized"]
     assert df.loc["down_conv", "local_sqnr"] == float("inf")  # no error of its own
     assert df.loc["fc2", "output_sqnr"] > 20
 
 
-def test_apply_changes_only_what_it_should(base):
+def test_apply_changes_only_what_it_should(demo_sessions, base):
     before = base.to_dataframe()
-    after = qviz.Session(load_demo_model(), CALIB, eval_data=EVAL, progress=False).run()
+    after = demo_sessions(short=True)
     after.apply({"block_conv2": {"weight": "per_tensor"}})
     df = after.to_dataframe()
     upstream = ["stem_conv", "block_conv1"]
@@ -87,8 +88,8 @@ def test_apply_changes_only_what_it_should(base):
     assert after.plan["block_conv2"].weight == "per_tensor"
 
 
-def test_apply_runs_no_calibration_pass(base, monkeypatch):
-    s = _session()
+def test_apply_runs_no_calibration_pass(demo_sessions, base, monkeypatch):
+    s = demo_sessions(short=True)
     calls = []
     original = session_module.run_batch
     monkeypatch.setattr(session_module, "run_batch", lambda *a: calls.append(a[2]) or original(*a))
@@ -96,8 +97,8 @@ def test_apply_runs_no_calibration_pass(base, monkeypatch):
     assert "calib_data" not in calls and "eval_data" in calls
 
 
-def test_undo_restores_the_numbers(base):
-    s = _session()
+def test_undo_restores_the_numbers(demo_sessions, base):
+    s = demo_sessions(short=True)
     before = s.to_dataframe()
     s.apply({"fc1": {"activation": "minmax"}}).apply({"down_conv": {"dtype": "float"}})
     s.undo().undo()
@@ -106,15 +107,15 @@ def test_undo_restores_the_numbers(base):
         s.undo()
 
 
-def test_int4_is_marked_simulated():
-    s = _session().apply({"fc1": {"dtype": "int4"}})
+def test_int4_is_marked_simulated(demo_sessions):
+    s = demo_sessions(short=True).apply({"fc1": {"dtype": "int4"}})
     df = s.to_dataframe()
     assert df.loc["fc1", "simulated"] and not df.drop("fc1").simulated.any()
     assert df.loc["fc1", "weight_sqnr"] < 30  # 4-bit weights are much coarser
 
 
-def test_plan_to_code_reproduces_the_session_without_qviz(base):
-    s = _session().apply({"block_conv2": {"weight": "per_tensor"}, "fc1": {"activation": "minmax"}})
+def test_plan_to_code_reproduces_the_session_without_qviz(demo_sessions, base):
+    s = demo_sessions(short=True).apply({"block_conv2": {"weight": "per_tensor"}, "fc1": {"activation": "minmax"}})
     namespace: dict = {}
     exec(s.plan.to_code("fx"), namespace)  # noqa: S102 - the point of to_code
     mapping = namespace["build_qconfig_mapping"]()
@@ -132,8 +133,8 @@ def test_plan_to_code_reproduces_the_session_without_qviz(base):
     assert torch.allclose(quantized(EVAL[0]), _session(plan=s.plan).quantized_model()(EVAL[0]))
 
 
-def test_search_meets_the_target_at_least_size(base):
-    s = _session()
+def test_search_meets_the_target_at_least_size(demo_sessions, base):
+    s = demo_sessions(short=True)
     result = s.search(target_sqnr=30)
     assert result.plan is not None
     candidates = result.candidates
@@ -147,8 +148,8 @@ def test_search_meets_the_target_at_least_size(base):
     assert not result.pareto().empty
 
 
-def test_search_keeps_the_undo_history_and_the_sweep():
-    s = _session().apply({"fc2": {"weight": "per_tensor"}})
+def test_search_keeps_the_undo_history_and_the_sweep(demo_sessions):
+    s = demo_sessions(short=True).apply({"fc2": {"weight": "per_tensor"}})
     before, sweep = s.plan, s.sensitivity(progress=False).to_dataframe()
     s.search(target_sqnr=30)
     pd.testing.assert_frame_equal(s.results.sensitivity, sweep)  # the plan it measured is in force
@@ -160,9 +161,9 @@ def test_search_keeps_the_undo_history_and_the_sweep():
 
 
 # -- bad input ----------------------------------------------------------------------------------
-def test_unknown_layer_suggests_close_names(base):
+def test_unknown_layer_suggests_close_names(demo_sessions, base):
     with pytest.raises(qviz.ConfigError, match="block_conv2"):
-        _session().apply({"block_conv_2": {"weight": "per_tensor"}})
+        demo_sessions(short=True).apply({"block_conv_2": {"weight": "per_tensor"}})
 
 
 def test_option_the_backend_does_not_support():
@@ -181,8 +182,8 @@ def test_plan_json_from_another_model(base):
         Plan.from_json(other.to_json(), layer_names=list(base.plan))
 
 
-def test_a_fused_member_names_its_whole_group():
-    s = _session().apply({"stem_bn": {"weight": "per_tensor"}})  # stem_conv, stem_bn, stem_relu
+def test_a_fused_member_names_its_whole_group(demo_sessions):
+    s = demo_sessions(short=True).apply({"stem_bn": {"weight": "per_tensor"}})  # stem_conv, stem_bn, stem_relu
     assert s.plan["stem_conv"].weight == "per_tensor"
     assert s.to_dataframe().loc["stem_conv", "weight_qscheme"] == "per_tensor_affine"
 
@@ -204,8 +205,8 @@ def test_user_qconfig_mapping_cannot_apply():
         s.apply({"fc1": {"activation": "minmax"}})
 
 
-def test_failed_apply_leaves_the_session_usable(base, monkeypatch):
-    s = _session()
+def test_failed_apply_leaves_the_session_usable(demo_sessions, base, monkeypatch):
+    s = demo_sessions(short=True)
     before = s.to_dataframe()
 
     def broken(*args, **kwargs):

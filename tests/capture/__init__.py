@@ -1,0 +1,1 @@
+"""Tests of qviz.capture: recorded statistics, histograms and the QAT recorder."""

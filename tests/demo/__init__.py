@@ -1,0 +1,1 @@
+"""Tests of qviz.demo: the embedded digits, MiniLM and TinyLM demos."""

@@ -1,0 +1,1 @@
+"""Tests of qviz.flows: each flow on the demo and on real model code, against plain torch and torchao."""

@@ -1,0 +1,1 @@
+"""Tests of qviz.io: the session file and the Model Explorer export."""

@@ -1,0 +1,1 @@
+"""Tests of qviz.report: the self-contained HTML report."""
