@@ -11,8 +11,9 @@ from pathlib import Path
 
 import panel as pn
 
+from qviz.demo import session_factory
 from qviz.ui import MAX_SESSIONS
-from qviz.ui.serve import Visitors, app_for, loading_app_for, session_factory, visitor_page
+from qviz.ui.serve import Visitors, app_for, loading_app_for, visitor_page
 
 
 def _file(path):

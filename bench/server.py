@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     from qviz.cli import demo_session
-    from qviz.ui.serve import serve, session_factory
+    from qviz.demo import session_factory
+    from qviz.ui.serve import serve
 
     def start(factory, **options):
         return serve(factory, threaded=True, show=False, verbose=False, idle_s=IDLE_S, **options)

@@ -78,7 +78,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from qviz.ui.serve import free_port, serve, session_factory  # Panel: imported only to serve
+    from qviz.demo import session_factory
+    from qviz.ui.serve import free_port, serve  # Panel: imported only to serve
 
     if (args.path is None) == (not args.demo):
         raise QvizError("give a session file (qviz serve run.qviz) or --demo, not both")

@@ -421,12 +421,13 @@ class Plan(Mapping):
 
     # -- code
 
-    def to_code(self, flow: str = "fx", **options) -> str:
-        """Runnable Python, without qviz, that builds this plan's configuration for ``flow``
-        (see each flow's ``plan_code`` for what it writes and the ``options`` it takes, e.g.
+    def to_code(self, flow: str | None = None, **options) -> str:
+        """Runnable Python, without qviz, that builds this plan's configuration for ``flow`` (None:
+        the default flow, FX; see each flow's ``plan_code`` for what it writes and the ``options`` it takes, e.g.
         ``fixed_qparams`` for the torch.ao flows, ``scheme`` and ``group_size`` for torchao's)."""
-        from qviz.flows.registry import flow_class  # the flows import this module
+        from qviz.flows.registry import DEFAULT_FLOW, flow_class  # the flows import this module
 
+        flow = DEFAULT_FLOW if flow is None else flow
         cls = flow_class(flow)
         parameters = list(inspect.signature(cls.plan_code).parameters.values())[1:]  # after the plan
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

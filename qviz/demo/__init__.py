@@ -8,6 +8,8 @@ calibration and evaluation batches, ready for a qviz session; ``demo_session()``
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,12 @@ from qviz.demo.data import (
     preprocess,
 )
 from qviz.demo.model import DigitsNet
-from qviz.errors import QvizError
+from qviz.errors import ConfigError, QvizError
 
 WEIGHTS_PATH = Path(__file__).with_name("digits_cnn.npz")
 
 __all__ = [
+    "session_factory",
     "WEIGHTS_PATH",
     "DemoWeightsMissingError",
     "DigitsNet",
@@ -72,3 +75,37 @@ def demo_session(flow: str = "fx", backend: str = "x86", progress: bool = True, 
     model, calib, evals = demo_session_inputs()
     return Session(model, calib, flow=flow, backend=backend, eval_data=evals, progress=progress,
                    latency=latency).run()
+
+
+def session_factory(path=None, *, demo: bool | str = False, check: bool = True) -> Callable:
+    """The sessions to serve: a fresh demo session per call (each visitor may apply; ``demo``
+    True or "digits": the embedded digits CNN, "minilm": all-MiniLM-L6-v2, see
+    :mod:`qviz.demo.minilm`, "tinylm": the small causal LM of :mod:`qviz.demo.tinylm`), or the session file at ``path`` loaded once (never a pickle) and
+    the same Session returned to every visitor. Sharing it is safe: a loaded session holds
+    results only, and nothing in the dashboard changes them (apply, sweeps and searches refuse
+    to run on it). ``check`` loads the file (or checks the MiniLM demo's packages) now, so a bad
+    path or a missing package fails here rather than in every tab."""
+    if (path is None) == (not demo):
+        raise ConfigError("give a session file path or demo=True (one of them)")
+    if demo == "minilm":
+        from qviz.demo import minilm
+
+        if check:
+            minilm.check_available()
+        return lambda: minilm.minilm_session(progress=False)
+    if demo == "tinylm":
+        from qviz.demo import tinylm
+
+        if check:
+            tinylm.load_tinylm()  # the shipped weights are there (a clear error now, not per tab)
+        return lambda: tinylm.tinylm_session(progress=False)
+    if demo:
+        if demo not in (True, "digits"):
+            raise ConfigError(f"demo must be True, 'digits', 'minilm' or 'tinylm', not {demo!r}")
+        return lambda: demo_session(progress=False)
+    from qviz.session import load
+
+    loaded = functools.cache(functools.partial(load, Path(path)))
+    if check:
+        loaded()
+    return loaded

@@ -18,7 +18,6 @@ _EXPORTS = {
     "build_app": "qviz.ui.app",
     "build_dashboard": "qviz.ui.app",
     "serve": "qviz.ui.serve",
-    "session_factory": "qviz.ui.serve",
     "show": "qviz.ui.widget",
     "widget": "qviz.ui.widget",
 }

@@ -22,9 +22,8 @@ from qviz.ui.views import _StateView
 TASK = "mixed-precision search"
 CANNOT = (
     "Mixed-precision search re-converts the model, and this session cannot: it was loaded from "
-    "a file, or its flow or qconfigs are not qviz's. Re-create it from the float model with "
-    "flow 'fx', 'eager', 'pt2e' or 'torchao' (and `plan=...` instead of your own qconfigs or "
-    "quantizer) to search."
+    "a file, or its flow or qconfigs are not qviz's. Re-create it from the float model (with "
+    "`plan=...` instead of your own qconfigs or quantizer) to search."
 )
 
 

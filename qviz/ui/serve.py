@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import panel as pn
 
@@ -26,42 +25,6 @@ from qviz.ui.markup import md
 from qviz.ui.progress import TaskProgress, ui_caller
 
 log = logging.getLogger(__name__)
-
-
-def session_factory(path=None, *, demo: bool | str = False, check: bool = True) -> Callable:
-    """The sessions to serve: a fresh demo session per call (each visitor may apply; ``demo``
-    True or "digits": the embedded digits CNN, "minilm": all-MiniLM-L6-v2, see
-    :mod:`qviz.demo.minilm`, "tinylm": the small causal LM of :mod:`qviz.demo.tinylm`), or the session file at ``path`` loaded once (never a pickle) and
-    the same Session returned to every visitor. Sharing it is safe: a loaded session holds
-    results only, and nothing in the dashboard changes them (apply, sweeps and searches refuse
-    to run on it). ``check`` loads the file (or checks the MiniLM demo's packages) now, so a bad
-    path or a missing package fails here rather than in every tab."""
-    if (path is None) == (not demo):
-        raise ConfigError("give a session file path or demo=True (one of them)")
-    if demo == "minilm":
-        from qviz.demo import minilm
-
-        if check:
-            minilm.check_available()
-        return lambda: minilm.minilm_session(progress=False)
-    if demo == "tinylm":
-        from qviz.demo import tinylm
-
-        if check:
-            tinylm.load_tinylm()  # the shipped weights are there (a clear error now, not per tab)
-        return lambda: tinylm.tinylm_session(progress=False)
-    if demo:
-        if demo not in (True, "digits"):
-            raise ConfigError(f"demo must be True, 'digits', 'minilm' or 'tinylm', not {demo!r}")
-        from qviz.demo import demo_session
-
-        return lambda: demo_session(progress=False)
-    from qviz.session import load
-
-    loaded = functools.cache(functools.partial(load, Path(path)))
-    if check:
-        loaded()
-    return loaded
 
 
 def app_for(factory: Callable, compare: Callable | None = None):
@@ -210,9 +173,9 @@ def serve(factory: Callable, *, compare: Callable | None = None, port: int = 0, 
     this blocks until the server stops (Ctrl-C).
     """
     if not callable(factory):
-        raise ConfigError("factory must be a callable that returns a Session, e.g. session_factory(path)")
+        raise ConfigError("factory must be a callable that returns a Session, e.g. qviz.demo.session_factory(path)")
     if compare is not None and not callable(compare):
-        raise ConfigError("compare must be a callable that returns a Session, e.g. session_factory(path)")
+        raise ConfigError("compare must be a callable that returns a Session, e.g. qviz.demo.session_factory(path)")
     if not idle_s > 0:
         raise ConfigError(f"idle_s must be a number of seconds > 0, not {idle_s!r}")
     visitors = Visitors(max_sessions)

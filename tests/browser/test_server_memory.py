@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 import qviz
+from qviz.demo import session_factory
 from qviz.session import Session
-from qviz.ui.serve import serve, session_factory
+from qviz.ui.serve import serve
 from tests.browser.helpers import BROWSER_MARKS, expect
 
 pytestmark = BROWSER_MARKS[1:]  # the warning filters; browser tests are marked one by one

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from qviz.ui.serve import session_factory
+from qviz.demo import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytestmark = BROWSER_MARKS

@@ -7,7 +7,7 @@ import threading
 import urllib.request
 
 from qviz.cli import demo_session
-from qviz.ui.serve import session_factory
+from qviz.demo import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 
 pytestmark = BROWSER_MARKS

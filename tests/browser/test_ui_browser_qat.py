@@ -9,7 +9,7 @@ import time
 import pytest
 
 from qviz.cli import demo_session
-from qviz.ui.serve import session_factory
+from qviz.demo import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 from tests.qat_session import qat_session
 

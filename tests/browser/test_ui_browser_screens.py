@@ -14,7 +14,7 @@ import pytest
 import qviz
 from qviz.charts.layout import AMBER_DB, RED_DB
 from qviz.cli import demo_session
-from qviz.ui.serve import session_factory
+from qviz.demo import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 from tests.qat_session import qat_session
 

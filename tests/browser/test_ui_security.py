@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from qviz.ui.serve import session_factory
+from qviz.demo import session_factory
 from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
 from tests.hostile import FILE_TEXT, NAMES, NAMES_B, hostile_file, hostile_session
 

@@ -14,8 +14,7 @@ import torch
 import qviz
 from qviz.analysis.outliers import COLUMNS
 from qviz.cli import build_parser, main
-from qviz.demo import minilm
-from qviz.ui.serve import session_factory
+from qviz.demo import minilm, session_factory
 from tests.helpers import assert_unchanged, model_snapshot
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]

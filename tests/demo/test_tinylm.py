@@ -129,7 +129,7 @@ def test_the_cli_demo_prints_float_and_quantized_perplexity(model):
 
 def test_serve_is_wired_to_the_demo(monkeypatch):
     from qviz.cli import build_parser
-    from qviz.ui.serve import session_factory
+    from qviz.demo import session_factory
 
     assert build_parser().parse_args(["serve", "--demo", "tinylm"]).demo == "tinylm"
     made = []

@@ -18,11 +18,12 @@ import qviz  # noqa: E402
 from qviz.analysis.qat_detectors import diagnose  # noqa: E402
 from qviz.capture.qat import timeline_histogram  # noqa: E402
 from qviz.cli import build_parser, main  # noqa: E402
+from qviz.demo import session_factory
 from qviz.ui.app import Dashboard, build_app  # noqa: E402
 from qviz.ui.compare_view import CompareView, layer_differences, summary_differences  # noqa: E402
 from qviz.ui.markup import md  # noqa: E402
 from qviz.ui.qat_view import HOW_TO_RECORD, QatView, layer_points  # noqa: E402
-from qviz.ui.serve import app_for, session_factory  # noqa: E402
+from qviz.ui.serve import app_for  # noqa: E402
 from qviz.ui.state import DashboardState  # noqa: E402
 from tests.qat_session import BN_FROZEN, HISTOGRAMS_EVERY, OBSERVERS_OFF, STEPS, qat_session  # noqa: E402
 

@@ -25,6 +25,7 @@ import qviz  # noqa: E402
 from qviz.charts.layers import MAX_BARS, MAX_GRID_LINES, display_bins, grid_levels, quant_range  # noqa: E402
 from qviz.charts.layout import sqnr_color  # noqa: E402
 from qviz.cli import build_parser, main  # noqa: E402
+from qviz.demo import session_factory  # noqa: E402
 from qviz.errors import ConfigError, SessionFileError  # noqa: E402
 from qviz.session import Session  # noqa: E402
 from qviz.ui.app import Dashboard, build_app, build_dashboard  # noqa: E402
@@ -34,7 +35,6 @@ from qviz.ui.serve import (  # noqa: E402
     app_for,
     exposure_warning,
     serve,
-    session_factory,
     websocket_origins,
 )
 from qviz.ui.state import DashboardState  # noqa: E402
