@@ -64,7 +64,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _quant_points(model: nn.Module):
     """Points named and mapped to layers as the flows do (FX via the observed node)."""
-    from qviz.flows.pt2e.flow import is_pt2e_prepared, qat_points
+    from qviz.flows.pt2e.graph import is_pt2e_prepared, qat_points
 
     if is_pt2e_prepared(model):  # prepare_qat_pt2e: aten graph, layers named by nn_module_stack
         return qat_points(model)

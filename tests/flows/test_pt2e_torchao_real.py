@@ -297,7 +297,7 @@ def test_a_failing_quantizer_gets_a_model_error():
 def test_a_reused_relu_gets_a_model_error_naming_it():
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    from qviz.flows.pt2e.flow import default_quantizer
+    from qviz.flows.pt2e.graph import default_quantizer
 
     model, x = _built(ReusedRelu), torch.randn(4, 8, 6, 6)
     exported = torch.export.export(copy.deepcopy(model), (x,)).module()
@@ -559,7 +559,7 @@ def test_bert_model_with_an_unused_pooler_runs():
     transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    from qviz.flows.pt2e.flow import default_quantizer
+    from qviz.flows.pt2e.graph import default_quantizer
 
     class LastHidden(nn.Module):  # TEMPORARY wrapper, as Logits above
         def __init__(self):
