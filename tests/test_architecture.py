@@ -215,3 +215,47 @@ def test_a_longer_cycle_is_reported_as_one_loop(tmp_path):
     graph = import_graph(tmp_path / "pkg")
     assert cycles(graph) == [["pkg.x", "pkg.y", "pkg.z"]]
     assert _loop(graph, ["pkg.x", "pkg.y", "pkg.z"]) == ["pkg.x", "pkg.y", "pkg.z", "pkg.x"]
+
+
+# -- the core knows no flow by name ---------------------------------------------------------------
+CORE = ["session.py", "plan.py", "options.py", "ui"]  # where only the registry may say which flows exist
+FLOW_NAMES = ("fx", "eager", "pt2e", "torchao")  # "dynamic" is also a point role, checked apart below
+
+
+def flow_name_uses(root: pathlib.Path) -> list[str]:
+    """String literals naming a built-in flow, and comparisons of a flow's name with a literal,
+    in the core modules (docstrings and comments say what they like)."""
+    found = []
+    for entry in CORE:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            tree = ast.parse(path.read_text(), filename=str(path))
+            docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                          if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                          and node.body and isinstance(node.body[0], ast.Expr)
+                          and isinstance(node.body[0].value, ast.Constant)}
+            where = path.relative_to(root.parent)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and node.value in FLOW_NAMES and id(node) not in docstrings:
+                    found.append(f"{where}:{node.lineno}: the literal {node.value!r}")
+                if isinstance(node, ast.Compare) and any(
+                    isinstance(side, ast.Attribute) and side.attr == "name" and "flow" in ast.unparse(side.value)
+                    for side in (node.left, *node.comparators)
+                ) and any(isinstance(side, ast.Constant) for side in (node.left, *node.comparators)):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_core_names_no_flow():
+    found = flow_name_uses(ROOT)
+    assert not found, "flow names outside the registry (ask the flow, see qviz.flows.base.Flow):\n" + "\n".join(found)
+
+
+def test_the_flow_name_check_finds_what_it_looks_for(tmp_path):
+    (tmp_path / "qviz" / "ui").mkdir(parents=True)
+    (tmp_path / "qviz" / "session.py").write_text('"""Mentions "fx" in a docstring."""\nif self.flow.name == "dynamic":\n    pass\n')
+    (tmp_path / "qviz" / "plan.py").write_text("FLOWS = ('fx',)\n")
+    (tmp_path / "qviz" / "options.py").write_text("")
+    (tmp_path / "qviz" / "ui" / "view.py").write_text("def f(flow):\n    return {'torchao': 1}\n")
+    found = flow_name_uses(tmp_path / "qviz")
+    assert [line.split(":")[0] + ":" + line.split(":")[1] for line in found] == [
+        "qviz/session.py:2", "qviz/plan.py:1", "qviz/ui/view.py:2"], found

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from qviz.errors import ConfigError
+from qviz.flows.registry import flow_class, flow_names
 from qviz.flows.torchao.formats import BITS as FORMAT_BITS
 from qviz.flows.torchao.formats import TENSOR_BYTES
 from qviz.options import SEARCH_LADDER
@@ -160,8 +161,9 @@ def _check_rungs(session, layers, rungs) -> None:
     refused = [d for d in rungs if layers and not any(session.choices(n, "dtype", (d,)) for n in layers)]
     if refused:
         formats = [d for d in refused if d in FORMAT_BITS]
-        hint = (f"; torchao number format(s) {_names(formats)} need Session(..., flow='torchao')"
-                if formats and session.flow.name != "torchao" else
+        flows = [n for n in flow_names() if all(d in (flow_class(n).editable or {}).get("dtype", ()) for d in formats)]
+        hint = (f"; the number format(s) {_names(formats)} need Session(..., flow={' or '.join(map(repr, flows))})"
+                if formats and flows and session.flow.name not in flows else
                 "; session.choices(layer, 'dtype', ladder) says what each layer takes")
         raise ConfigError(f"ladder rung(s) {_names(refused)} run on no layer of this session (flow "
                           f"{session.flow.name!r}): leave them out of the ladder{hint}")
