@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 
-import torch
 from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic import _FusedModule
@@ -21,8 +19,6 @@ from torch.ao.quantization.fuser_method_mappings import get_fuser_method
 
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
-    Calibration,
-    Flow,
     QuantPoint,
     check_backend,
     neutral_reference,
@@ -31,12 +27,8 @@ from qviz.flows.base import (
 )
 from qviz.flows.layers import is_quant_point
 from qviz.flows.torch_ao import codegen, qconfigs
-from qviz.flows.torch_ao.rebuild import measured_inside, rebuild_static_layer, unwrapped
-from qviz.flows.tracing import one_trace_at_a_time
-from qviz.plan import Plan
+from qviz.flows.torch_ao.static import BN, StaticFlow, detect_fusion_groups
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _NO_KERNEL = re.compile(r"Could not run '(aten::[\w.]+)' with arguments from the 'Quantized\w*' backend")
 _FLOAT_FUNCTIONAL_OPS = ("add", "mul", "cat", "matmul")  # what FloatFunctional has quantized versions of
 
@@ -46,62 +38,6 @@ def is_prepared(model: nn.Module) -> bool:
     return any(is_quant_point(m) for m in model.modules())
 
 
-@one_trace_at_a_time
-def detect_fusion_groups(model: nn.Module, warn: bool = True) -> list[list[str]]:
-    """conv-bn(-relu), conv-relu, linear-relu and linear-bn chains, found by an FX trace.
-
-    A module joins a chain only when it is the sole user of the previous module's output, so
-    fusing never changes what the model computes. Modules inside a fused module the user made
-    (``fuse_modules``: ConvReLU2d, ...) are fused already and left alone. Returns [] when FX
-    cannot trace the model. A copy is traced: tracing runs forward, and a forward may assign
-    to the model (a new ``self.relu``, say), which must not change the user's model.
-    """
-    model = copy.deepcopy(model)
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any tracing failure just means "no automatic fusion"
-        if not warn:
-            return []
-        warnings.warn(
-            "qviz could not trace the model to find fusion groups, so none were fused; pass "
-            "fuse=[['conv', 'bn', 'relu'], ...] to Session to fuse them yourself",
-            stacklevel=3,
-        )
-        return []
-    modules = dict(model.named_modules())
-
-    def module_of(node):
-        return modules.get(node.target) if node.op == "call_module" else None
-
-    def sole_module_user(node, types):
-        users = list(node.users)
-        if len(users) == 1 and isinstance(module_of(users[0]), types):
-            return users[0]
-        return None
-
-    groups = []
-    for node in graph.nodes:
-        first = module_of(node)
-        if not isinstance(first, (*_CONV, nn.Linear)) or _inside_fused(node.target, modules):
-            continue
-        chain = [node]
-        bn = sole_module_user(node, _BN)
-        if bn is not None:
-            chain.append(bn)
-        relu = sole_module_user(chain[-1], nn.ReLU)
-        if relu is not None:
-            chain.append(relu)
-        if len(chain) > 1:
-            groups.append([n.target for n in chain])
-    return groups
-
-
-def _inside_fused(name: str, modules: dict[str, nn.Module]) -> bool:
-    """True for 'conv1.0' when 'conv1' is a fused module (FX traces through those Sequentials)."""
-    parts = name.split(".")
-    return any(isinstance(modules.get(".".join(parts[:i])), _FusedModule) for i in range(1, len(parts)))
-
-
 def fold_fused_bn(model: nn.Module) -> None:
     """Fold the BN of conv-bn / linear-bn modules fused for QAT (ConvBnReLU2d, ...) in place, as
     ``fuse_modules`` does in eval mode (ConvBnReLU2d -> ConvReLU2d).
@@ -109,7 +45,7 @@ def fold_fused_bn(model: nn.Module) -> None:
     Eager ``convert`` has static kernels for ConvReLU2d, not for ConvBnReLU2d (which it leaves
     float, and which then fails on a quantized input); the folded module computes the same."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, _FusedModule) and any(isinstance(c, _BN) for c in module.children()):
+        if isinstance(module, _FusedModule) and any(isinstance(c, BN) for c in module.children()):
             members = list(module.children())
             try:
                 fuser = get_fuser_method(tuple(type(c) for c in members))
@@ -119,14 +55,13 @@ def fold_fused_bn(model: nn.Module) -> None:
             setattr(model.get_submodule(parent), attr, fuser(False, *members))
 
 
-class EagerFlow(Flow):
+class EagerFlow(StaticFlow):
     """Static PTQ in eager mode, or conversion of a model the user prepared (QAT included)."""
 
     name = "eager"
     summary = "QuantStub/DeQuantStub, fuse_modules, prepare, convert"
     quantizes = "nn.Linear and nn.Conv1d/2d/3d between a QuantStub and a DeQuantStub"
     session_options = {"qconfig": "qconfig", "fuse": "fuse"}
-    deprecated = True
     converts_float_layers = False  # a float layer needs stubs around it: the session applies it after
 
     def __init__(self, backend: str = "x86", qconfig=None, fuse="auto", module_qconfigs=None):
@@ -197,22 +132,9 @@ class EagerFlow(Flow):
         self.plan = plan
         self.module_qconfigs = {n: qconfigs.to_qconfig(c, self.backend) for n, c in plan.items() if c.dtype != "float"}
 
-    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
-        """The backend's default config for every layer, fused groups as the model's."""
-        groups = tuple(g for g in detect_fusion_groups(model, warn=False) if g[0] in layers)
-        return Plan.default(layers, self.backend, groups)
-
     def check_plan(self, plan, modules) -> None:
         qconfigs.check_plan(plan, modules)
 
-    def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
-        return rebuild_static_layer(name, config, calibration)
-
-    def measured_module(self, quantized: nn.Module, name: str) -> str:
-        return measured_inside(quantized, name)
-
-    def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
-        return super().layer_type(unwrapped(quantized_layer), float_layer)
     @classmethod
     def plan_code(cls, plan, fixed_qparams=None) -> str:
         """Plain torch code: ``apply_qconfigs(model)`` setting each planned module's ``.qconfig``

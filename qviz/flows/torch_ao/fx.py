@@ -39,7 +39,6 @@ from qviz.capture.probes import describe, probing
 from qviz.errors import ConfigError, ModelError
 from qviz.flows.base import (
     Calibration,
-    Flow,
     QuantPoint,
     Reconversion,
     check_backend,
@@ -50,15 +49,13 @@ from qviz.flows.base import (
 )
 from qviz.flows.layers import is_quant_point
 from qviz.flows.torch_ao import codegen, qconfigs
-from qviz.flows.torch_ao.eager import detect_fusion_groups, is_quant_point_child
+from qviz.flows.torch_ao.eager import is_quant_point_child
 from qviz.flows.torch_ao.rebuild import (
     activation_qparams,
     fix_qparams,
-    measured_inside,
-    rebuild_static_layer,
     same_activation,
-    unwrapped,
 )
+from qviz.flows.torch_ao.static import StaticFlow
 from qviz.flows.tracing import one_trace_at_a_time
 from qviz.plan import Plan, default_layer_config
 
@@ -349,7 +346,7 @@ def _origin(observed: nn.Module, observer, scope: dict) -> tuple[str, str]:
     return f"{value} going into {op}{where}" + (f" at {line}" if line else ""), fix
 
 
-class FxFlow(Flow):
+class FxFlow(StaticFlow):
     """``prepare_fx`` / calibrate / ``convert_fx`` under a QConfigMapping (the user's, the
     backend's default or a plan's), functional linear/conv calls included as layers."""
 
@@ -358,7 +355,6 @@ class FxFlow(Flow):
     quantizes = ("nn.Linear, nn.Conv1d/2d/3d (with a following BatchNorm/ReLU), nn.ConvTranspose "
                  "and functional linear/conv on the model's parameters")
     session_options = {"qconfig_mapping": "qconfig_mapping"}
-    deprecated = True
 
     def __init__(self, backend: str = "x86", qconfig_mapping=None):
         self.backend = check_backend(backend)
@@ -483,19 +479,6 @@ class FxFlow(Flow):
     def owns_configs(self) -> bool:
         return self.qconfig_mapping is None and not self.handed_over
 
-    def default_plan(self, model: nn.Module, layers: list[str], left_float: list[str]) -> Plan:
-        """The backend's default config for every layer, fused groups as the model's."""
-        groups = tuple(g for g in detect_fusion_groups(model, warn=False) if g[0] in layers)
-        return Plan.default(layers, self.backend, groups)
-
-    def rebuild_layer(self, name: str, config, calibration: Calibration) -> nn.Module:
-        return rebuild_static_layer(name, config, calibration)
-
-    def measured_module(self, quantized: nn.Module, name: str) -> str:
-        return measured_inside(quantized, name)
-
-    def layer_type(self, quantized_layer: nn.Module, float_layer: nn.Module | None) -> str:
-        return super().layer_type(unwrapped(quantized_layer), float_layer)
 
     def reconvert(self, target, changed: list[str], calibration: Calibration) -> Reconversion:
         """Changed layers rebuilt in place, unless the graph itself changes: FX decides where
