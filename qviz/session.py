@@ -42,6 +42,7 @@ from qviz.flows.base import Calibration, call_model, quantized_engine, split_bat
 from qviz.flows.failure import model_failure
 from qviz.flows.registry import DEFAULT_FLOW, flow_class, flow_names, make_flow
 from qviz.flows.tracing import TRACE_LOCK
+from qviz.heap import release_freed_memory
 from qviz.io.results_file import load_results, save_results
 from qviz.plan import Plan
 from qviz.progress import progress_bar
@@ -211,7 +212,10 @@ class Session:
                     "float reference (fused like the quantized model)" if model is self._reference
                     else "quantized model"),
             )
-            self._weights = {n: weight_record(quantized.get_submodule(n), reference.get_submodule(n)) for n in layers}
+            self._weights = {}
+            for n in layers:  # each layer's dequantized temporaries handed back before the next's
+                self._weights[n] = weight_record(quantized.get_submodule(n), reference.get_submodule(n))
+                release_freed_memory()
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
             self._warn_nonfinite()
             self._float_size = serialized_size(self._model)
@@ -219,6 +223,7 @@ class Session:
             self._init_plan()
             self.results = self._build_results()
         self._warn_left_float(left_float)
+        release_freed_memory()  # the flow's temporaries (see qviz.heap)
         return self
 
     def _clip_percentiles(self, points, records) -> None:
@@ -505,13 +510,12 @@ class Session:
         progress = self.progress if progress is None else progress
         if self.flow.sensitivity_by == "re-conversion":
             found = self._reconversion_sweep(table, eval_fn, progress, callback, variants)
-            results.sensitivity = found.to_dataframe()
-            return found
-        found = sweep(self._reference, self._quantized, self._eval, list(table.index),
-                      float_layers=list(table.index[~table["quantized"].astype(bool)]),
-                      backend=self.backend, eval_fn=eval_fn, executor=executor,
-                      progress=progress, cache_bytes=self.cache_bytes, callback=callback, variants=variants,
-                      output_fn=self.output_fn)
+        else:
+            found = sweep(self._reference, self._quantized, self._eval, list(table.index),
+                          float_layers=list(table.index[~table["quantized"].astype(bool)]),
+                          backend=self.backend, eval_fn=eval_fn, executor=executor,
+                          progress=progress, cache_bytes=self.cache_bytes, callback=callback, variants=variants,
+                          output_fn=self.output_fn)
         results.sensitivity = found.to_dataframe()
         return found
 
