@@ -4,8 +4,9 @@ glibc keeps freed blocks of the heap for reuse instead of returning them, and re
 when sizes vary: on a 100M-parameter model the dequantized weights of one layer after another
 (the weight comparison, a sweep) pile up to more than the model's size in freed blocks that stay
 resident (bench/llm.py: torchao's peak 3.8x the float bytes without, 2.7x with). ``malloc_trim(0)``
-returns them, for a few milliseconds per call and the page faults of taking memory back later.
-Elsewhere (macOS, Windows, musl) this does nothing.
+returns them, for a few milliseconds per call and the page faults of taking memory back later
+(15% of a ResNet-18 sweep), so qviz trims per layer only for models whose weights take more than
+``LARGE_MODEL_BYTES``. Elsewhere (macOS, Windows, musl) this does nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+
+LARGE_MODEL_BYTES = 128 * 2**20
+
+
+def is_large(model) -> bool:
+    """Whether ``model``'s parameters take more than :data:`LARGE_MODEL_BYTES` (trim per layer)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > LARGE_MODEL_BYTES
 
 
 @functools.cache

@@ -42,7 +42,7 @@ from qviz.flows.base import Calibration, call_model, quantized_engine, split_bat
 from qviz.flows.failure import model_failure
 from qviz.flows.registry import DEFAULT_FLOW, flow_class, flow_names, make_flow
 from qviz.flows.tracing import TRACE_LOCK
-from qviz.heap import release_freed_memory
+from qviz.heap import is_large, release_freed_memory
 from qviz.io.results_file import load_results, save_results
 from qviz.plan import Plan
 from qviz.progress import progress_bar
@@ -212,10 +212,11 @@ class Session:
                     "float reference (fused like the quantized model)" if model is self._reference
                     else "quantized model"),
             )
-            self._weights = {}
-            for n in layers:  # each layer's dequantized temporaries handed back before the next's
+            self._weights, trim = {}, is_large(reference)
+            for n in layers:  # a large model's dequantized temporaries handed back layer by layer
                 self._weights[n] = weight_record(quantized.get_submodule(n), reference.get_submodule(n))
-                release_freed_memory()
+                if trim:
+                    release_freed_memory()
             self._per_layer, self._model_figures = self._comparator.compare(quantized)
             self._warn_nonfinite()
             self._float_size = serialized_size(self._model)

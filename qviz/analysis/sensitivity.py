@@ -54,7 +54,7 @@ from qviz.errors import ConfigError, QvizError, SweepError
 from qviz.flows.base import call_model, positional, quantized_engine
 from qviz.flows.torch_ao.rebuild import FloatLayer, feeds_only_dequantize
 from qviz.flows.tracing import TRACE_LOCK, one_trace_at_a_time
-from qviz.heap import release_freed_memory
+from qviz.heap import is_large, release_freed_memory
 from qviz.torch_warnings import quiet_torch
 
 VARIANTS = ("quantize_only", "skip_only", "weight_only", "activation_only")
@@ -660,9 +660,11 @@ def sweep(reference: nn.Module, quantized: nn.Module, batches: list, layers: lis
     with tqdm(total=len(work), desc="qviz: sensitivity", unit="layer", leave=False,
               disable=not progress) as bar:
         if executor is None:
+            trim = is_large(reference)
             for n in work:
                 done(job.measure_all([n], variants), bar)
-                release_freed_memory()  # the layer's temporaries, before the next layer's (see qviz.heap)
+                if trim:  # the layer's temporaries, before the next layer's (see qviz.heap)
+                    release_freed_memory()
         elif work:
             workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             count = min(len(work), workers)
