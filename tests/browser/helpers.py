@@ -3,6 +3,8 @@ conftest.py), the marks, and a server that remembers the sessions it made."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("playwright")
@@ -34,3 +36,17 @@ def serve_recording(factory, **options):
     server = serve(recording, threaded=True, show=False, verbose=False, **options)
     server.sessions = made
     return server
+
+
+def heat_map_in(page, title: str):
+    """The plotly chart whose text includes ``title``."""
+    return page.locator(".js-plotly-plot").filter(has_text=title)
+
+
+def open_heat_map_tab(page, url: str, tab: str, title: str):
+    """Load the dashboard, open ``tab`` and wait for its heat map (``title``) and colour bar."""
+    page.goto(url)
+    expect(page.locator(".tabulator-row").first).to_be_visible()
+    page.locator(".bk-tab", has_text=re.compile(f"^{re.escape(tab)}$")).click()
+    expect(heat_map_in(page, title)).to_be_visible()
+    expect(heat_map_in(page, title).locator(".colorbar")).to_have_count(1)

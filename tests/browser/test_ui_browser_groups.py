@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from tests.browser.helpers import BROWSER_MARKS, expect, serve_recording
+from tests.browser.helpers import (
+    BROWSER_MARKS,
+    expect,
+    heat_map_in,
+    open_heat_map_tab,
+    serve_recording,
+)
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 
@@ -23,15 +29,11 @@ def server(minilm_server):
 
 
 def heat_map(page):
-    return page.locator(".js-plotly-plot").filter(has_text="int4 weight groups")
+    return heat_map_in(page, "int4 weight groups")
 
 
 def open_groups(page, url):
-    page.goto(url)
-    expect(page.locator(".tabulator-row").first).to_be_visible()
-    page.locator(".bk-tab", has_text=re.compile(r"^Groups$")).click()
-    expect(heat_map(page)).to_be_visible()
-    expect(heat_map(page).locator(".colorbar")).to_have_count(1)
+    open_heat_map_tab(page, url, "Groups", "int4 weight groups")
 
 
 def drawn(page) -> tuple[str, int, int]:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.browser.helpers import BROWSER_MARKS, expect
+from tests.browser.helpers import BROWSER_MARKS, expect, heat_map_in, open_heat_map_tab
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 
@@ -20,15 +20,11 @@ def server(minilm_server):
 
 
 def heat_map(page):
-    return page.locator(".js-plotly-plot").filter(has_text="Activation outliers")
+    return heat_map_in(page, "Activation outliers")
 
 
 def open_outliers(page, url):
-    page.goto(url)
-    expect(page.locator(".tabulator-row").first).to_be_visible()
-    page.locator(".bk-tab", has_text=re.compile(r"^Outliers$")).click()
-    expect(heat_map(page)).to_be_visible()
-    expect(heat_map(page).locator(".colorbar")).to_have_count(1)
+    open_heat_map_tab(page, url, "Outliers", "Activation outliers")
 
 
 def outlined_row(page) -> str | None:
